@@ -1,0 +1,18 @@
+"""Evaluate a model directory on a task, or score a predictions file. See conf/evaluate.yaml."""
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+
+@hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from vlm.run import run_evaluation
+
+    with open_dict(cfg):
+        cfg.run_dir = cfg.run_dir or HydraConfig.get().runtime.output_dir
+    run_evaluation(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Run one stage, a recipe of stages, or an evaluation, from composed Hydra configs.
+
+This is the only place (with the entry points and `vlm.summary`) that knows about DictConfig: it instantiates the
+parts and hands plain objects to the library.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("vlm")
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def _instantiate_all(group: DictConfig | None) -> list[Any]:
+    from hydra.utils import instantiate
+
+    return [instantiate(node) for node in (group or {}).values() if node is not None]
+
+
+def run_stage(cfg: DictConfig) -> Path:
+    """Train one stage and write its model directory; returns that directory."""
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from vlm.loading import build_processor, load_model
+
+    if not cfg.get("stage"):
+        raise ValueError("no stage chosen: pass stage=lm|align|sft|clip")
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    L.seed_everything(cfg.seed, workers=True)
+
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    prepare = data_cfg.pop("prepare", None)
+    if prepare:
+        instantiate(prepare)
+    model, tokenizer = load_model(_plain(cfg.model), cfg.get("init_from"))
+    processor = build_processor(model, tokenizer)
+    datamodule = instantiate(data_cfg)(processor=processor)
+    stage = instantiate(cfg.stage, model=model, optim=_plain(cfg.optim), _convert_="all")
+    trainer = instantiate(cfg.trainer, logger=_instantiate_all(cfg.get("logger")) or False,
+                          callbacks=_instantiate_all(cfg.get("callbacks")))
+    trainer.fit(stage, datamodule=datamodule)
+
+    model_dir = run_dir / "model"
+    if trainer.is_global_zero:
+        stage.export(model_dir, tokenizer)
+        skipped = datamodule.skipped() if hasattr(datamodule, "skipped") else {}
+        log.info("[%s] model directory: %s; skipped samples: %s", stage.stage_name, model_dir, skipped or "none")
+    return model_dir
+
+
+def run_evaluation(cfg: DictConfig) -> dict[str, float]:
+    """Evaluate `cfg.model_dir` (or score `cfg.predictions`) on `cfg.task`; writes metrics.json and predictions."""
+    from hydra.utils import instantiate
+
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    task = instantiate(cfg.task, _convert_="all")
+    metrics = task.run(model_dir=cfg.get("model_dir"), predictions=cfg.get("predictions"), out_dir=run_dir)
+    write_metrics(metrics, run_dir / "metrics.json")
+    print(format_metrics(metrics))
+    return metrics
+
+
+def run_recipe(cfg: DictConfig, user_overrides: Sequence[str] = ()) -> dict[str, float]:
+    """Run the recipe's stages in order, each from the previous model directory, then its evaluations."""
+    from hydra import compose
+
+    root = Path(cfg.run_dir)
+    previous = cfg.get("init_from")
+    stage_dirs: dict[str, str] = {}
+    for step in cfg.recipe.stages:
+        overrides = [*step.overrides, *user_overrides, f"run_dir={root / step.name}"]
+        if previous:
+            overrides.append(f"init_from={previous}")
+        log.info("recipe %s: stage %s with %s", cfg.recipe.name, step.name, overrides)
+        previous = str(run_stage(compose("train", overrides=overrides)))
+        stage_dirs[step.name] = previous
+
+    metrics: dict[str, float] = {}
+    path_overrides = [o for o in user_overrides if o.startswith("paths.")]
+    for ev in cfg.recipe.get("evaluate") or []:
+        overrides = [*ev.overrides, *path_overrides, *cfg.get("eval_overrides", []),
+                     f"model_dir={previous}", f"run_dir={root / 'eval' / ev.name}"]
+        metrics.update(run_evaluation(compose("evaluate", overrides=overrides)))
+    write_metrics(metrics, root / "metrics.json")
+    (root / "stages.json").write_text(json.dumps(stage_dirs, indent=2))
+    print(f"\nrecipe {cfg.recipe.name} finished; model: {previous}\nmetrics: {root / 'metrics.json'}")
+    print(format_metrics(metrics))
+    return metrics
+
+
+def write_metrics(metrics: dict[str, float], path: Path) -> None:
+    """A flat JSON object, `<task>/<metric>` keys, written atomically."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(dict(sorted(metrics.items())), indent=2))
+    tmp.replace(path)
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    if not metrics:
+        return "(no metrics)"
+    width = max(len(k) for k in metrics)
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
+    lines += [f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in sorted(metrics.items())]
+    return "\n".join(lines)

@@ -1,0 +1,77 @@
+"""The next-token stages: `lm` (text warm-up), `align` (LLaVA stage 1) and `sft` (instruction tuning).
+
+They differ only in configuration - which parts train, which record format the data gives, LoRA or not - so they
+share this one module; `conf/stage/{lm,align,sft}.yaml` are the three presets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlm.stages.base import Stage
+
+
+def apply_lora(decoder: nn.Module, lora: Mapping[str, Any]) -> nn.Module:
+    """Wrap the decoder with peft LoRA adapters; only the adapters train afterwards."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora.get("r", 8),
+        lora_alpha=lora.get("alpha", 16),
+        lora_dropout=lora.get("dropout", 0.05),
+        target_modules=list(lora.get("target_modules", ["q_proj", "v_proj"])),
+        bias="none",
+    )
+    return get_peft_model(decoder, config)
+
+
+class GenerativeStage(Stage):
+    """Causal-LM loss on the labelled tokens (assistant replies, or all text for `lm`)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        trainable: Iterable[str],
+        optim: Mapping[str, Any] | None = None,
+        name: str = "sft",
+        data_format: str = "conversation",
+        lora: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(model, trainable, optim, name)
+        self.data_format = data_format
+        self.lora = dict(lora) if lora else None
+        if self.lora:
+            if "decoder" not in self.trainable:
+                raise ValueError("LoRA trains the decoder's adapters: add 'decoder' to stage.trainable")
+            self.model.decoder = apply_lora(self.model.decoder, self.lora)
+
+    def forward(self, batch: Mapping[str, Any]):
+        return self.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch.get("pixel_values"),
+            labels=batch["labels"],
+        )
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self(batch).loss
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        loss = self(batch).loss
+        self.log("val/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
+
+    def export(self, directory: str | Path, tokenizer: Any = None) -> Path:
+        """Write a self-contained model directory; LoRA adapters are saved beside it and merged into it."""
+        directory = Path(directory)
+        if self.lora:
+            self.model.decoder.save_pretrained(str(directory.parent / f"{directory.name}-lora-adapter"))
+            self.model.decoder = self.model.decoder.merge_and_unload()
+        self.model.save_pretrained(directory, tokenizer)
+        return directory
