@@ -1,0 +1,48 @@
+"""Processor outputs -> one padded batch (right padding for training, left for generation)."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from vlm.data.processor import IGNORE_INDEX
+
+
+class Collator:
+    """Pads `input_ids` with `pad_token_id` and `labels` with -100; the attention mask is zero on padding only
+    (it is built from lengths, so a pad id that also occurs in the text is still attended). `pixel_values` of all
+    samples are concatenated in sample order, which is the order the model splices them in."""
+
+    def __init__(self, pad_token_id: int, padding_side: str = "right"):
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+        if pad_token_id is None:
+            raise ValueError("pad_token_id is None: the tokenizer needs a pad token (see add_vlm_tokens)")
+        self.pad_token_id = int(pad_token_id)
+        self.padding_side = padding_side
+
+    def _pad(self, rows: Sequence[torch.Tensor], value: int, length: int) -> torch.Tensor:
+        out = torch.full((len(rows), length), value, dtype=torch.long)
+        for i, row in enumerate(rows):
+            if self.padding_side == "right":
+                out[i, : len(row)] = row
+            else:
+                out[i, length - len(row) :] = row
+        return out
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        if not samples:
+            raise ValueError("cannot collate an empty batch")
+        ids = [s["input_ids"] for s in samples]
+        length = max(len(x) for x in ids)
+        batch: dict[str, Any] = {
+            "input_ids": self._pad(ids, self.pad_token_id, length),
+            "attention_mask": self._pad([torch.ones(len(x), dtype=torch.long) for x in ids], 0, length),
+        }
+        if all("labels" in s for s in samples):
+            batch["labels"] = self._pad([s["labels"] for s in samples], IGNORE_INDEX, length)
+        pixels = [s["pixel_values"] for s in samples if s.get("pixel_values") is not None]
+        if pixels:
+            batch["pixel_values"] = torch.cat(pixels)
+        batch["keys"] = [str(s.get("key", "")) for s in samples]
+        return batch

@@ -1,0 +1,218 @@
+"""Decoded webdataset samples -> `Record`s, one converter per data `format` (text, caption, conversation).
+
+Everything that makes a sample unusable raises `SkipSample(reason)`: the pipeline counts reasons and moves on,
+so one bad sample in a billion never stops a run.
+"""
+from __future__ import annotations
+
+import io
+import json
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from PIL import Image
+
+from vlm.data.tokens import IMAGE_TOKEN
+
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff", "ppm")
+FORMATS = ("text", "caption", "conversation")
+
+DEFAULT_CAPTION_PROMPTS = (
+    "Describe the image.",
+    "Write a short caption for this image.",
+    "What is in the picture?",
+    "Describe this image briefly.",
+    "Give a one-sentence description of the image.",
+)
+
+ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class SkipSample(Exception):
+    """A sample that cannot be used; `reason` is a short snake_case tag the pipeline counts."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class Record:
+    """One training example, independent of the tokenizer: chat messages (or plain text) plus PIL images."""
+
+    messages: list[dict[str, str]] = field(default_factory=list)
+    images: list[Image.Image] = field(default_factory=list)
+    text: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return str(self.meta.get("key", ""))
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def decode_image(data: Any) -> Image.Image:
+    """Bytes (or an already decoded image) -> fully loaded RGB PIL image; failure is `SkipSample("corrupt_image")`."""
+    if isinstance(data, Image.Image):
+        return data.convert("RGB")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return image.convert("RGB")
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
+        raise SkipSample("corrupt_image", f"{type(exc).__name__}: {exc}") from exc
+
+
+def _is_image_field(name: str) -> bool:
+    return name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
+
+
+def decode_sample(sample: dict[str, Any], images: bool = True) -> dict[str, Any]:
+    """Raw webdataset sample (bytes per field) -> txt as str, json as object, images as PIL (or dropped).
+
+    `images=False` drops image fields unread, for text-only formats.
+    """
+    out: dict[str, Any] = {}
+    for name, value in sample.items():
+        if name.startswith("__"):
+            out[name] = value
+        elif _is_image_field(name):
+            if images:
+                out[name] = decode_image(value)
+        elif name.endswith("txt"):
+            out[name] = value.decode("utf-8") if isinstance(value, bytes) else value
+        elif name.endswith("json"):
+            try:
+                out[name] = json.loads(value) if isinstance(value, (bytes, str)) else value
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise SkipSample("bad_json", str(exc)) from exc
+        else:
+            out[name] = value
+    return out
+
+
+# ---------------------------------------------------------------- converters
+
+
+def _meta(sample: dict[str, Any]) -> dict[str, Any]:
+    meta: dict[str, Any] = {"key": sample.get("__key__", "")}
+    if "__url__" in sample:
+        meta["url"] = sample["__url__"]
+    if isinstance(sample.get("json"), dict):
+        meta["json"] = sample["json"]
+    return meta
+
+
+def _caption(sample: dict[str, Any]) -> str | None:
+    text = sample.get("txt")
+    if not (isinstance(text, str) and text.strip()):
+        data = sample.get("json")
+        text = data.get("caption") if isinstance(data, dict) else None
+    if isinstance(text, str) and text.strip():
+        return text.strip()
+    return None
+
+
+def _default_image_field(sample: dict[str, Any]) -> str | None:
+    names = sorted(n for n in sample if not n.startswith("__") and _is_image_field(n))
+    return names[0] if names else None
+
+
+def pick_prompt(key: str, prompts: Sequence[str]) -> str:
+    """The same prompt for the same key in every run and process (crc32, not Python's salted `hash`)."""
+    return prompts[zlib.crc32(key.encode("utf-8")) % len(prompts)]
+
+
+def text_record(sample: dict[str, Any], **_: Any) -> Record:
+    """`txt` (or the json caption) as plain text for language-model training; images are ignored."""
+    text = _caption(sample)
+    if text is None:
+        raise SkipSample("missing_text")
+    return Record(text=text, meta=_meta(sample))
+
+
+def caption_record(sample: dict[str, Any], caption_prompts: Sequence[str] | None = None, **_: Any) -> Record:
+    """Image + caption -> `[user: "<image>\\n" + prompt, assistant: caption]`."""
+    caption = _caption(sample)
+    if caption is None:
+        raise SkipSample("missing_caption")
+    name = _default_image_field(sample)
+    if name is None:
+        raise SkipSample("missing_image")
+    key = str(sample.get("__key__", ""))
+    prompt = pick_prompt(key, list(caption_prompts or DEFAULT_CAPTION_PROMPTS))
+    messages = [
+        {"role": "user", "content": f"{IMAGE_TOKEN}\n{prompt}"},
+        {"role": "assistant", "content": caption},
+    ]
+    return Record(messages=messages, images=[decode_image(sample[name])], meta=_meta(sample))
+
+
+def _messages(turns: Any) -> list[dict[str, str]]:
+    if not isinstance(turns, list) or not turns:
+        raise SkipSample("missing_conversation")
+    messages = []
+    for turn in turns:
+        if not isinstance(turn, dict):
+            raise SkipSample("bad_conversation", f"turn is {type(turn).__name__}")
+        role = ROLE_ALIASES.get(str(turn.get("role", turn.get("from", ""))).lower())
+        content = turn.get("content", turn.get("value"))
+        if role is None or not isinstance(content, str):
+            raise SkipSample("bad_conversation", f"turn {turn!r:.80}")
+        messages.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        raise SkipSample("no_assistant_turn")
+    return messages
+
+
+def conversation_record(sample: dict[str, Any], **_: Any) -> Record:
+    """json `conversations` (role/content or LLaVA's from/value) + the images named in json `images`.
+
+    `images` lists sample fields (extensions such as "png" or "1.jpg"); by default the sample's single image.
+    Images without any `<image>` tag get one at the start of the first user turn (LLaVA's convention);
+    more tags than images is an error.
+    """
+    data = sample.get("json")
+    if not isinstance(data, dict):
+        raise SkipSample("missing_json")
+    messages = _messages(data.get("conversations"))
+    if "images" in data and data["images"] is not None:
+        names = [str(n) for n in data["images"]]
+    else:
+        default = _default_image_field(sample)
+        names = [default] if default else []
+    missing = [n for n in names if n not in sample]
+    if missing:
+        raise SkipSample("missing_image", ",".join(missing))
+    images = [decode_image(sample[n]) for n in names]
+    tags = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
+    if tags == 0 and images:
+        first_user = next((m for m in messages if m["role"] == "user"), None)
+        if first_user is None:
+            raise SkipSample("no_user_turn")
+        first_user["content"] = IMAGE_TOKEN * len(images) + "\n" + first_user["content"]
+    elif tags > len(images):
+        raise SkipSample("too_many_image_tags", f"{tags} tags, {len(images)} images")
+    elif tags < len(images):
+        raise SkipSample("too_few_image_tags", f"{tags} tags, {len(images)} images")
+    return Record(messages=messages, images=images, meta=_meta(sample))
+
+
+CONVERTERS: dict[str, Callable[..., Record]] = {
+    "text": text_record,
+    "caption": caption_record,
+    "conversation": conversation_record,
+}
+
+
+def to_record(sample: dict[str, Any], format: str, caption_prompts: Sequence[str] | None = None) -> Record:
+    """Convert one decoded sample with the converter registered for `format`."""
+    try:
+        converter = CONVERTERS[format]
+    except KeyError:
+        raise ValueError(f"unknown data format {format!r}; expected one of {sorted(CONVERTERS)}") from None
+    return converter(sample, caption_prompts=caption_prompts)

@@ -1,0 +1,209 @@
+"""Record -> token ids, labels and pixel tiles, for any tokenizer with a chat template.
+
+Assistant spans are found by rendering message prefixes (render(messages[:i]) + generation prompt versus
+render(messages[:i+1])), so no template needs `{% generation %}` tags. Labels cover the assistant reply and the
+token(s) that end it, which teaches the model to stop; the newline a template adds after the end token is not
+labelled. `<image>` is expanded at the id level, after labelling, so offsets always refer to the rendered text.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from vlm.data.formats import Record
+from vlm.data.images import Grid, image_placeholder
+from vlm.data.tokens import GLOBAL_IMAGE_TOKEN, IM_END, IMAGE_TOKEN, tile_tokens
+
+IGNORE_INDEX = -100
+
+
+class TruncationError(ValueError):
+    """A sample that does not fit `max_length` without cutting an image (or all of its labels) away."""
+
+
+class Processor:
+    """`__call__(record)` for training, `prompt(record)` for generation; see docs/architecture.md.
+
+    image_transform: callable `PIL image -> (tiles (n,3,H,W), grid)` (an `ImageTransform`); may be None for
+    text-only data. tokens_per_image: tokens one tile becomes after the projector.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        image_transform: Callable[[Any], tuple[torch.Tensor, Grid]] | None,
+        tokens_per_image: int,
+        max_length: int = 2048,
+    ):
+        self.tokenizer = tokenizer
+        self.image_transform = image_transform
+        self.tokens_per_image = int(tokens_per_image)
+        self.max_length = int(max_length)
+        self.image_token_id = self._token_id(IMAGE_TOKEN)
+        max_tiles = int(getattr(image_transform, "max_tiles", 1) or 1)
+        markers = [GLOBAL_IMAGE_TOKEN, *tile_tokens(max_tiles)]
+        marker_ids = (tokenizer.convert_tokens_to_ids(t) for t in markers)
+        self._image_ids = {self.image_token_id} | {
+            i for i in marker_ids if i is not None and i != tokenizer.unk_token_id
+        }
+        self._placeholder_ids: dict[Grid, list[int]] = {}
+        self._end_tokens = [t for t in (IM_END, tokenizer.eos_token) if t]
+
+    def _token_id(self, token: str) -> int:
+        token_id = self.tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == self.tokenizer.unk_token_id:
+            raise ValueError(f"tokenizer has no {token!r} token: call vlm.data.tokens.add_vlm_tokens first")
+        return token_id
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    # ------------------------------------------------------------ rendering
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        """The chat template applied to `messages` as text."""
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def _assistant_spans(self, messages: list[dict[str, str]], full: str) -> list[tuple[int, int]]:
+        """Character spans of each assistant reply plus its end token inside `full`."""
+        spans, cursor = [], 0
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            upto = self.render(messages[: i + 1])
+            prefix = self.render(messages[:i], add_generation_prompt=True) if i else ""
+            if i and upto.startswith(prefix) and full.startswith(upto):
+                start, end = len(prefix), len(upto.rstrip())
+            else:  # a template that rewrites history (or starts with an assistant turn): find the reply text
+                start = full.find(message["content"], cursor)
+                if start < 0:
+                    raise ValueError("chat template output does not contain the assistant reply verbatim")
+                end = start + len(message["content"])
+                rest = full[end:]
+                for token in self._end_tokens:
+                    if rest.lstrip(" ").startswith(token):
+                        end += len(rest) - len(rest.lstrip(" ")) + len(token)
+                        break
+            spans.append((start, end))
+            cursor = end
+        return spans
+
+    def _tokenize_chat(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        labels = [IGNORE_INDEX] * len(ids)
+        for n, (start, end) in enumerate(enc["offset_mapping"]):
+            if end > start and any(a <= start < b for a, b in spans):
+                labels[n] = ids[n]
+        return ids, labels
+
+    # ------------------------------------------------------------ images
+
+    def _images(self, record: Record) -> tuple[torch.Tensor | None, list[Grid]]:
+        if not record.images:
+            return None, []
+        if self.image_transform is None:
+            raise ValueError(f"sample {record.key!r} has images but the processor has no image_transform")
+        tiles, grids = [], []
+        for image in record.images:
+            pixels, grid = self.image_transform(image)
+            tiles.append(pixels)
+            grids.append(tuple(grid))
+        return torch.cat(tiles), grids
+
+    def _placeholder(self, grid: Grid) -> list[int]:
+        if grid not in self._placeholder_ids:
+            text = image_placeholder(grid, self.tokens_per_image)
+            self._placeholder_ids[grid] = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return self._placeholder_ids[grid]
+
+    def _expand(self, ids: list[int], labels: list[int], grids: list[Grid], key: str) -> tuple[list[int], list[int]]:
+        """Replace the n-th `<image>` id with the n-th image's placeholder ids (never labelled)."""
+        count = ids.count(self.image_token_id)
+        if count != len(grids):
+            raise ValueError(f"sample {key!r}: {count} {IMAGE_TOKEN} tokens in the text but {len(grids)} images")
+        if not grids:
+            return ids, labels
+        out_ids: list[int] = []
+        out_labels: list[int] = []
+        images = iter(grids)
+        for token, label in zip(ids, labels):
+            if token == self.image_token_id:
+                expansion = self._placeholder(next(images))
+                out_ids.extend(expansion)
+                out_labels.extend([IGNORE_INDEX] * len(expansion))
+            else:
+                out_ids.append(token)
+                out_labels.append(label)
+        return out_ids, out_labels
+
+    def _check_length(self, ids: list[int], key: str, cut_ok: bool) -> int:
+        """Length to keep; raises when a cut would split or drop an image (or when no cut is allowed)."""
+        if len(ids) <= self.max_length:
+            return len(ids)
+        tail = ids[self.max_length :]
+        if not cut_ok or any(t in self._image_ids for t in tail):
+            what = "an image's tokens" if cut_ok else "the generation prompt"
+            raise TruncationError(
+                f"sample {key!r}: {len(ids)} tokens > max_length {self.max_length}, and truncating would cut {what}"
+            )
+        return self.max_length
+
+    # ------------------------------------------------------------ public
+
+    def _text(self, record: Record) -> dict[str, Any]:
+        ids = list(self.tokenizer(record.text, add_special_tokens=True)["input_ids"])
+        eos = self.tokenizer.eos_token_id
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)
+        ids = ids[: self.max_length]
+        tensor = torch.tensor(ids, dtype=torch.long)
+        return {"input_ids": tensor, "labels": tensor.clone(), "key": record.key}
+
+    def __call__(self, record: Record) -> dict[str, Any]:
+        """Training features: input_ids, labels (-100 outside assistant replies), pixel_values if any, key."""
+        if not record.messages:
+            if record.text is None:
+                raise ValueError(f"sample {record.key!r} has neither messages nor text")
+            return self._text(record)
+        full = self.render(record.messages)
+        ids, labels = self._tokenize_chat(full, self._assistant_spans(record.messages, full))
+        pixel_values, grids = self._images(record)
+        ids, labels = self._expand(ids, labels, grids, record.key)
+        keep = self._check_length(ids, record.key, cut_ok=True)
+        ids, labels = ids[:keep], labels[:keep]
+        if all(label == IGNORE_INDEX for label in labels):
+            raise TruncationError(f"sample {record.key!r}: no assistant tokens left within max_length {self.max_length}")
+        out: dict[str, Any] = {
+            "input_ids": torch.tensor(ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "key": record.key,
+        }
+        if pixel_values is not None:
+            out["pixel_values"] = pixel_values
+        return out
+
+    def prompt(self, record: Record) -> dict[str, Any]:
+        """Generation input: the conversation without its final assistant reply, ending in the assistant prompt.
+
+        For a text record: the text's tokens without eos (a prefix to continue).
+        """
+        if not record.messages:
+            ids = list(self.tokenizer(record.text or "", add_special_tokens=True)["input_ids"])
+            return {"input_ids": torch.tensor(ids[: self.max_length], dtype=torch.long), "key": record.key}
+        messages = record.messages
+        if messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        text = self.render(messages, add_generation_prompt=True)
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        pixel_values, grids = self._images(record)
+        ids, _ = self._expand(ids, [IGNORE_INDEX] * len(ids), grids, record.key)
+        self._check_length(ids, record.key, cut_ok=False)
+        out: dict[str, Any] = {"input_ids": torch.tensor(ids, dtype=torch.long), "key": record.key}
+        if pixel_values is not None:
+            out["pixel_values"] = pixel_values
+        return out
