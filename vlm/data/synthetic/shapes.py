@@ -1,0 +1,287 @@
+""""Shapes world": a tiny, fully known visual world to test every stage of VLM training offline.
+
+Each image holds 1-4 shapes (circle, square, triangle) in 6 distinct colours, one per quadrant, with jitter.
+Because the scene is known exactly, captions, QA pairs and classification labels are correct by construction,
+so a model that learns shows it clearly. `ensure_shapes` writes webdataset shards plus a small byte-level BPE
+tokenizer trained on the generated text, once: a second call with the same parameters only reads `info.json`.
+
+    python -m vlm.data.synthetic.shapes --root data/shapes
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import shutil
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle")
+COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 220),
+    "yellow": (240, 205, 20),
+    "purple": (140, 50, 180),
+    "orange": (250, 130, 10),
+}
+POSITIONS = ("top left", "top right", "bottom left", "bottom right")
+QA_TYPES = ("color", "shape", "count", "position")
+FORMAT_VERSION = 1
+TOKENIZER_VOCAB_SIZE = 1000
+TOKENIZER_MAX_TILES = 9  # tile markers for grids up to 9 tiles are part of the vocabulary
+SINGLE_OBJECT_FRACTION = 0.3
+SPLITS = ("train", "val", "test")
+
+
+# ---------------------------------------------------------------- scene and text
+
+
+def sample_scene(rng: random.Random) -> list[dict[str, str]]:
+    """1-4 objects in distinct quadrants, listed in quadrant order (top left first)."""
+    count = 1 if rng.random() < SINGLE_OBJECT_FRACTION else rng.randint(2, 4)
+    positions = sorted(rng.sample(range(len(POSITIONS)), count))
+    return [
+        {"shape": rng.choice(SHAPES), "color": rng.choice(list(COLORS)), "position": POSITIONS[p]}
+        for p in positions
+    ]
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def caption(objects: list[dict[str, str]]) -> str:
+    """'a red circle at the top left and a blue square at the bottom right.'"""
+    parts = [f"{_article(o['color'])} {o['color']} {o['shape']} at the {o['position']}" for o in objects]
+    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return text + "."
+
+
+def questions(objects: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Every question the scene answers unambiguously (a property is asked only when its key is unique)."""
+    qa = []
+    shapes = [o["shape"] for o in objects]
+    colors = [o["color"] for o in objects]
+    pairs = [(o["color"], o["shape"]) for o in objects]
+    for o in objects:
+        if shapes.count(o["shape"]) == 1:
+            qa.append({"question": f"what color is the {o['shape']}?", "answer": o["color"], "type": "color"})
+    for o in objects:
+        if colors.count(o["color"]) == 1:
+            qa.append({"question": f"what shape is the {o['color']} object?", "answer": o["shape"], "type": "shape"})
+    qa.append({"question": "how many shapes are there?", "answer": str(len(objects)), "type": "count"})
+    for o in objects:
+        if pairs.count((o["color"], o["shape"])) == 1:
+            qa.append(
+                {"question": f"where is the {o['color']} {o['shape']}?", "answer": o["position"], "type": "position"}
+            )
+    return qa
+
+
+def conversation(qa: list[dict[str, str]], rng: random.Random) -> list[dict[str, str]]:
+    """1-3 QA turns; the image placeholder leads the first user turn."""
+    picked = rng.sample(qa, rng.randint(1, min(3, len(qa))))
+    turns = []
+    for n, item in enumerate(picked):
+        turns.append({"role": "user", "content": ("<image>\n" if n == 0 else "") + item["question"]})
+        turns.append({"role": "assistant", "content": item["answer"]})
+    return turns
+
+
+# ---------------------------------------------------------------- drawing
+
+
+def draw(objects: list[dict[str, str]], image_size: int, rng: random.Random) -> Image.Image:
+    """White-ish background; each shape inside its quadrant with jittered size and position."""
+    background = tuple(rng.randint(235, 255) for _ in range(3))
+    image = Image.new("RGB", (image_size, image_size), background)
+    painter = ImageDraw.Draw(image)
+    half = image_size / 2
+    margin = max(1.0, image_size / 32)
+    for obj in objects:
+        index = POSITIONS.index(obj["position"])
+        x0, y0 = (index % 2) * half, (index // 2) * half
+        size = rng.uniform(0.5, 0.8) * (half - 2 * margin)
+        left = x0 + margin + rng.uniform(0, half - 2 * margin - size)
+        top = y0 + margin + rng.uniform(0, half - 2 * margin - size)
+        box = (left, top, left + size, top + size)
+        color = COLORS[obj["color"]]
+        if obj["shape"] == "circle":
+            painter.ellipse(box, fill=color)
+        elif obj["shape"] == "square":
+            painter.rectangle(box, fill=color)
+        else:
+            painter.polygon([(left + size / 2, top), (left + size, top + size), (left, top + size)], fill=color)
+    return image
+
+
+def make_sample(split: str, index: int, seed: int, image_size: int) -> dict[str, Any]:
+    """One sample from its own RNG (seeded by split and index), so any sample can be regenerated alone."""
+    rng = random.Random(f"shapes-{seed}-{split}-{index}")
+    objects = sample_scene(rng)
+    qa = questions(objects)
+    only = objects[0] if len(objects) == 1 else None
+    meta = {
+        "caption": caption(objects),
+        "objects": objects,
+        "qa": qa,
+        "conversations": conversation(qa, rng),
+        "label": {"shape": only["shape"], "color": only["color"]} if only else None,
+    }
+    return {"key": f"{split}-{index:06d}", "image": draw(objects, image_size, rng), "json": meta}
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed metadata: byte-identical shards
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_split(
+    directory: Path, split: str, count: int, seed: int, image_size: int, samples_per_shard: int
+) -> Iterator[dict[str, Any]]:
+    """Write `{split}-{n:06d}.tar` shards; yields each sample's json (for tokenizer training)."""
+    for shard, start in enumerate(range(0, count, samples_per_shard)):
+        with tarfile.open(directory / f"{split}-{shard:06d}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+            for index in range(start, min(start + samples_per_shard, count)):
+                sample = make_sample(split, index, seed, image_size)
+                png = io.BytesIO()
+                sample["image"].save(png, format="PNG")
+                key = sample["key"]
+                _add(tar, f"{key}.png", png.getvalue())
+                _add(tar, f"{key}.txt", sample["json"]["caption"].encode())
+                _add(tar, f"{key}.json", json.dumps(sample["json"]).encode())
+                yield sample["json"]
+
+
+def shard_names(split: str, count: int, samples_per_shard: int) -> list[str]:
+    return [f"{split}-{n:06d}.tar" for n in range((count + samples_per_shard - 1) // samples_per_shard)]
+
+
+def train_tokenizer(texts: list[str], directory: Path, vocab_size: int = TOKENIZER_VOCAB_SIZE) -> None:
+    """Byte-level BPE on the generated texts, wrapped in PreTrainedTokenizerFast with the VLM special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from vlm.data.formats import DEFAULT_CAPTION_PROMPTS
+    from vlm.data.tokens import CHATML_TEMPLATE, IM_END, PAD_TOKEN, add_vlm_tokens, vlm_special_tokens
+
+    special = vlm_special_tokens(TOKENIZER_MAX_TILES)
+    model = Tokenizer(models.BPE())
+    model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    model.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special,  # ids 0.. in this order: <pad>=0
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    extra = ["user", "assistant", "system", "user\n", "assistant\n", *DEFAULT_CAPTION_PROMPTS]
+    model.train_from_iterator(texts + extra * 50, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=model, pad_token=PAD_TOKEN, eos_token=IM_END)
+    tokenizer.chat_template = CHATML_TEMPLATE
+    add_vlm_tokens(tokenizer, TOKENIZER_MAX_TILES)  # registers the rest as special (they already have ids)
+    tokenizer.save_pretrained(str(directory))
+
+
+def _params(**kwargs: Any) -> dict[str, Any]:
+    return {"format_version": FORMAT_VERSION, **kwargs}
+
+
+def _cached(root: Path, params: dict[str, Any]) -> bool:
+    try:
+        info = json.loads((root / "info.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return info.get("params") == params and all((root / f).exists() for f in info.get("files", []))
+
+
+def ensure_shapes(
+    root: str | os.PathLike,
+    num_train: int = 20000,
+    num_val: int = 500,
+    num_test: int = 1000,
+    image_size: int = 64,
+    seed: int = 0,
+    samples_per_shard: int = 2000,
+) -> Path:
+    """Generate the shapes dataset under `root` unless `root/info.json` records the same parameters.
+
+    Everything is written into a temporary directory and moved in file by file, `info.json` last, so an
+    interrupted run leaves no `info.json` that matches and the next call regenerates. Returns `root`.
+    """
+    root = Path(root)
+    params = _params(
+        num_train=num_train, num_val=num_val, num_test=num_test, image_size=image_size, seed=seed,
+        samples_per_shard=samples_per_shard,
+    )
+    if _cached(root, params):
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "info.json").unlink(missing_ok=True)
+    started = time.time()
+    counts = {"train": num_train, "val": num_val, "test": num_test}
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-shapes-", dir=root))
+    try:
+        texts: list[str] = []
+        files: list[str] = []
+        for split, count in counts.items():
+            for meta in write_split(tmp, split, count, seed, image_size, samples_per_shard):
+                texts.append(meta["caption"])
+                texts.extend(f"{q['question']} {q['answer']}" for q in meta["qa"])
+            names = shard_names(split, count, samples_per_shard)
+            (tmp / f"{split}.txt").write_text("".join(n + "\n" for n in names))
+            files += names + [f"{split}.txt"]
+        train_tokenizer(texts, tmp / "tokenizer")
+        if (root / "tokenizer").exists():
+            shutil.rmtree(root / "tokenizer")
+        os.replace(tmp / "tokenizer", root / "tokenizer")
+        for name in files:
+            os.replace(tmp / name, root / name)
+        files += [f"tokenizer/{p.name}" for p in sorted((root / "tokenizer").iterdir())]
+        info = {
+            "params": params,
+            "files": files,
+            "counts": counts,
+            "shards": {s: shard_names(s, c, samples_per_shard) for s, c in counts.items()},
+            "shapes": list(SHAPES),
+            "colors": list(COLORS),
+            "positions": list(POSITIONS),
+            "seconds": round(time.time() - started, 2),
+        }
+        (tmp / "info.json").write_text(json.dumps(info, indent=2))
+        os.replace(tmp / "info.json", root / "info.json")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--root", required=True)
+    parser.add_argument("--num-train", type=int, default=20000)
+    parser.add_argument("--num-val", type=int, default=500)
+    parser.add_argument("--num-test", type=int, default=1000)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--samples-per-shard", type=int, default=2000)
+    args = parser.parse_args(argv)
+    root = ensure_shapes(
+        args.root, args.num_train, args.num_val, args.num_test, args.image_size, args.seed, args.samples_per_shard
+    )
+    print(json.dumps(json.loads((root / "info.json").read_text())["counts"]), "->", root)
+
+
+if __name__ == "__main__":
+    main()
