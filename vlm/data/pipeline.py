@@ -128,10 +128,11 @@ def _read_list_file(path: str) -> list[str]:
 
 
 def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """Shard URLs from a brace/glob pattern, a list of patterns, or a `.txt` list file.
+    """Shard URLs from a brace/glob pattern (or `::`-joined patterns), a list of them, or a `.txt` list file.
 
     Local patterns are checked now, so a wrong path fails at construction with the pattern in the message
-    rather than as an empty stream inside a worker. `pipe:` and remote URLs are passed through unchecked.
+    rather than as an empty stream inside a worker: a pattern that matches no file is an error, one that
+    matches only some files keeps those with a warning. `pipe:` and remote URLs pass through unchecked.
     """
     specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
     if not specs:
@@ -142,20 +143,25 @@ def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list
         if _is_local(pattern) and pattern.endswith(".txt"):
             urls += expand_shards(_read_list_file(_local_path(pattern)))
             continue
+        found: list[str] = []
+        missing: list[str] = []
         for url in _wds_expand(pattern):
             if not _is_local(url):
-                urls.append(url)
+                found.append(url)
                 continue
             path = _local_path(url)
             if glob.has_magic(path):
-                matches = sorted(glob.glob(path))
-                if not matches:
-                    raise FileNotFoundError(f"no shard files match {pattern!r}")
-                urls += matches
+                found += sorted(glob.glob(path))
             elif os.path.exists(path):
-                urls.append(path)
+                found.append(path)
             else:
-                raise FileNotFoundError(f"shard {path!r} of pattern {pattern!r} does not exist")
+                missing.append(path)
+        if not found:
+            raise FileNotFoundError(f"no shard files match {pattern!r}")
+        if missing:
+            log.warning("%d of %d shards of %r do not exist (first: %s); using the rest",
+                        len(missing), len(missing) + len(found), pattern, missing[0])
+        urls += found
     return urls
 
 
