@@ -97,7 +97,8 @@ class Processor:
         ids = list(enc["input_ids"])
         labels = [IGNORE_INDEX] * len(ids)
         for n, (start, end) in enumerate(enc["offset_mapping"]):
-            if end > start and any(a <= start < b for a, b in spans):
+            # any overlap: a token that merges a template space with the reply's first word is part of the reply
+            if end > start and any(start < b and end > a for a, b in spans):
                 labels[n] = ids[n]
         return ids, labels
 
