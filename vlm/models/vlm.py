@@ -1,0 +1,244 @@
+"""The vision-language model: encoder -> projector -> splice into the decoder's embeddings -> decoder.
+
+Image features replace the `<image>` placeholder embeddings one for one (the processor already wrote as many
+placeholders as a tile has tokens), so the decoder is an unmodified Hugging Face causal LM and LoRA, generation and
+export work on it as on any LM. `attention="prefix"` lets the tokens of one image attend to each other both ways
+(GIT); text stays causal.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlm.models.decoders import decoder_export_config
+from vlm.models.encoders.base import WEIGHTS_NAME, VisionEncoder
+
+IMAGE_TOKEN = "<image>"  # the placeholder of the tokens contract (vlm/data/tokens.py)
+CONFIG_NAME = "vlm.yaml"
+ATTENTIONS = ("causal", "prefix")
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+
+
+class VisionLanguageModel(nn.Module):
+    """Parts are plain attributes (`encoder`, `projector`, `decoder`): stages freeze them by name and LoRA may
+    replace `decoder`. `config` is the recipe the model was built from (tokenizer, max_length, max_tiles, ...)."""
+
+    def __init__(
+        self,
+        encoder: VisionEncoder,
+        projector: nn.Module,
+        decoder: nn.Module,
+        image_token_id: int,
+        attention: str = "causal",
+        config: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+        self.encoder, self.projector, self.decoder = encoder, projector, decoder
+        self.image_token_id = int(image_token_id)
+        self.attention = attention
+        self.config: dict[str, Any] = {**dict(config or {}), "attention": attention}
+
+    # ---- building -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], tokenizer: Any = None) -> VisionLanguageModel:
+        """Instantiate the parts of a model config (`encoder`, `projector` partial, `decoder` Hydra specs).
+
+        With a tokenizer the decoder's vocabulary is resized to `len(tokenizer)` and `<image>` is looked up.
+        """
+        cfg = _plain(cfg)
+        encoder = _instantiate(cfg["encoder"])
+        decoder = _instantiate(cfg["decoder"])
+        image_token_id = -1
+        if tokenizer is not None:
+            resize_vocabulary(decoder, len(tokenizer))
+            image_token_id = image_token_id_of(tokenizer)
+        projector = build_projector(cfg["projector"], encoder.hidden_size, _embedding_dim(decoder))
+        return cls(encoder, projector, decoder, image_token_id, cfg.get("attention", "causal"), config=cfg)
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Tokens one image tile becomes after the projector (= `<image>` placeholders per tile)."""
+        return self.projector.num_tokens(self.encoder.num_tokens, self.encoder.grid)
+
+    # ---- forward --------------------------------------------------------------------------------------------
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) tiles -> (N, tokens_per_image, D_lm)."""
+        return self.projector(self.encoder(pixel_values), self.encoder.grid)
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with image features written over the `<image>` placeholders, tile after tile."""
+        embeds = self.decoder.get_input_embeddings()(input_ids.clamp(min=0))
+        slots = input_ids == self.image_token_id
+        n_slots = int(slots.sum())
+        if pixel_values is None:
+            if n_slots:
+                raise ValueError(f"input_ids hold {n_slots} {IMAGE_TOKEN} tokens but no pixel_values were given")
+            return embeds
+        features = self.encode_images(pixel_values)
+        n_features = features.shape[0] * features.shape[1]
+        if n_features != n_slots:
+            raise ValueError(
+                f"input_ids hold {n_slots} {IMAGE_TOKEN} tokens but the images give {n_features} features "
+                f"({features.shape[0]} tiles x {features.shape[1]} tokens per tile)"
+            )
+        return embeds.masked_scatter(slots.unsqueeze(-1), features.to(embeds.dtype))
+
+    def attention_bias(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """`causal`: the 2D padding mask as is. `prefix`: an additive float (B, 1, L, L) mask in the model dtype.
+
+        Prefix: position i sees j if j <= i, or if both lie in the same contiguous run of `<image>` tokens; padded
+        columns are blocked. A boolean 4D mask would be read as +1/0 by eager attention (no masking), hence floats.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if self.attention == "causal":
+            return attention_mask
+        batch, length = input_ids.shape
+        pos = torch.arange(length, device=input_ids.device)
+        allowed = (pos[None, :, None] >= pos[None, None, :]).expand(batch, length, length)
+        image = input_ids == self.image_token_id
+        starts = image & ~torch.nn.functional.pad(image, (1, 0))[:, :-1]
+        run = starts.cumsum(-1)
+        same_run = image[:, :, None] & image[:, None, :] & (run[:, :, None] == run[:, None, :])
+        allowed = (allowed | same_run) & attention_mask.bool()[:, None, :]
+        dtype = self.decoder.get_input_embeddings().weight.dtype
+        bias = torch.zeros(batch, 1, length, length, dtype=dtype, device=input_ids.device)
+        return bias.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        **decoder_kwargs: Any,
+    ):
+        """-> the decoder's `CausalLMOutputWithPast` (loss when `labels` are given; -100 is ignored).
+
+        No KV cache is built unless `use_cache=True` is passed (training needs none).
+        """
+        decoder_kwargs.setdefault("use_cache", False)
+        return self.decoder(
+            inputs_embeds=self.embed(input_ids, pixel_values),
+            attention_mask=self.attention_bias(input_ids, attention_mask),
+            position_ids=position_ids,
+            labels=labels,
+            **decoder_kwargs,
+        )
+
+    # ---- model directory ------------------------------------------------------------------------------------
+    def export_config(self) -> dict[str, Any]:
+        """The config of `vlm.yaml`: the recipe's other keys plus part specs that rebuild offline."""
+        decoder_spec = self.config.get("decoder") or {}
+        return {
+            **self.config,
+            "encoder": self.encoder.export_config(),
+            "projector": self.projector.export_config(),
+            "decoder": decoder_export_config(self.decoder, bool(decoder_spec.get("trust_remote_code", False))),
+            "attention": self.attention,
+            "image_token_id": self.image_token_id,
+        }
+
+    def save_pretrained(self, directory: str | Path, tokenizer: Any = None) -> Path:
+        """Write `vlm.yaml`, `model.safetensors` and the tokenizer; all or nothing (temp dir, then rename)."""
+        from omegaconf import OmegaConf
+        from safetensors.torch import save_model
+
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        spec = self.export_config()
+        tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            OmegaConf.save(OmegaConf.create(spec), tmp / CONFIG_NAME)
+            save_model(self, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+            _swap_in(tmp, directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> tuple[VisionLanguageModel, Any]:
+        """Load a model directory -> (model, tokenizer or None). Parts are rebuilt from `vlm.yaml`; nothing is
+        downloaded; every weight must be present."""
+        from omegaconf import OmegaConf
+        from safetensors.torch import load_model
+
+        directory = Path(directory)
+        if not (directory / CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"{directory} is not a model directory (no {CONFIG_NAME})")
+        spec = OmegaConf.to_container(OmegaConf.load(directory / CONFIG_NAME))
+        encoder = _instantiate(spec["encoder"])
+        decoder = _instantiate(spec["decoder"])
+        projector = build_projector(spec["projector"], encoder.hidden_size, _embedding_dim(decoder))
+        model = cls(encoder, projector, decoder, spec.get("image_token_id", -1), spec.get("attention", "causal"),
+                    config=spec)
+        load_model(model, directory / WEIGHTS_NAME, strict=True)
+        tokenizer = None
+        if any((directory / name).is_file() for name in TOKENIZER_FILES):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        return model, tokenizer
+
+
+# ---- helpers ----------------------------------------------------------------------------------------------------
+def build_projector(spec: Mapping[str, Any], in_dim: int, out_dim: int) -> nn.Module:
+    """Instantiate a projector spec (partial or not) with the encoder's and decoder's widths."""
+    projector = _instantiate(spec, in_dim=in_dim, out_dim=out_dim)
+    return projector() if isinstance(projector, functools.partial) else projector
+
+
+def resize_vocabulary(decoder: nn.Module, size: int) -> None:
+    """Give the decoder one embedding row per tokenizer entry; new rows start near the mean of the old ones."""
+    if decoder.get_input_embeddings().num_embeddings != size:
+        decoder.resize_token_embeddings(size, mean_resizing=True)
+
+
+def image_token_id_of(tokenizer: Any) -> int:
+    token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if token_id is None or (token_id == tokenizer.unk_token_id and tokenizer.unk_token != IMAGE_TOKEN):
+        raise ValueError(f"the tokenizer has no {IMAGE_TOKEN} token: add it (vlm.data.tokens.add_vlm_tokens)")
+    return int(token_id)
+
+
+def _embedding_dim(decoder: nn.Module) -> int:
+    return int(decoder.get_input_embeddings().embedding_dim)
+
+
+def _plain(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    from omegaconf import DictConfig, OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+
+
+def _instantiate(spec: Mapping[str, Any], **kwargs: Any) -> Any:
+    from hydra.utils import instantiate
+
+    return instantiate(spec, _convert_="all", **kwargs)
+
+
+def _swap_in(tmp: Path, directory: Path) -> None:
+    """Replace `directory` by the finished `tmp` so a reader never sees a half-written model directory."""
+    if not directory.exists():
+        os.replace(tmp, directory)
+        return
+    old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
