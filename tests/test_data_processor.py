@@ -1,8 +1,6 @@
 """Processor, image tiling and collation: labels, <image> expansion, truncation, padding."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from PIL import Image

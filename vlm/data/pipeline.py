@@ -171,7 +171,9 @@ def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list
 class SampleFn:
     """Raw sample -> decoded -> Record -> processor output (picklable, so spawned workers can run it)."""
 
-    def __init__(self, processor: Callable[[Any], dict[str, Any]], format: str, caption_prompts: Sequence[str] | None = None):
+    def __init__(
+        self, processor: Callable[[Any], dict[str, Any]], format: str, caption_prompts: Sequence[str] | None = None
+    ):
         self.processor = processor
         self.format = format
         self.caption_prompts = list(caption_prompts) if caption_prompts else None

@@ -178,7 +178,9 @@ class Processor:
         keep = self._check_length(ids, record.key, cut_ok=True)
         ids, labels = ids[:keep], labels[:keep]
         if all(label == IGNORE_INDEX for label in labels):
-            raise TruncationError(f"sample {record.key!r}: no assistant tokens left within max_length {self.max_length}")
+            raise TruncationError(
+                f"sample {record.key!r}: no assistant tokens left within max_length {self.max_length}"
+            )
         out: dict[str, Any] = {
             "input_ids": torch.tensor(ids, dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long),
