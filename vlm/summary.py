@@ -1,0 +1,106 @@
+"""Parameter table of a model config, built on the meta device: nothing is downloaded and no memory is used.
+
+    python -m vlm.summary model=llava_7b [hydra overrides ...] [--json]
+
+Per part (encoder, projector, decoder, total), then for every stage preset in conf/stage/ what it trains and how
+large those weights are (fp32 and bf16) next to the whole model in bf16 - the numbers that decide memory plans.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+PARTS = ("encoder", "projector", "decoder")
+MB = 1e6
+
+
+def compose_model_config(overrides: Sequence[str] = (), conf_dir: Path = CONF_DIR) -> dict[str, Any]:
+    """The resolved `model` config of `conf/summary.yaml` + overrides, made offline (no weights, no init_from)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        cfg = compose("summary", overrides=list(overrides))
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    for part in ("encoder", "decoder"):
+        model[part]["pretrained"] = False
+    model["encoder"]["init_from"] = None
+    return model
+
+
+def count(params: Any) -> int:
+    """Parameters counted once each (tied weights are one tensor)."""
+    return sum(p.numel() for p in {id(p): p for p in params}.values())
+
+
+def stage_presets(conf_dir: Path = CONF_DIR) -> dict[str, list[str]]:
+    """name -> trainable part names, for each conf/stage/*.yaml that declares `trainable`."""
+    from omegaconf import OmegaConf
+
+    stages = {}
+    for file in sorted((conf_dir / "stage").glob("*.yaml")):
+        trainable = OmegaConf.load(file).get("trainable")
+        if trainable is not None:
+            stages[file.stem] = [str(t) for t in trainable]
+    return stages
+
+
+def summarize(overrides: Sequence[str] = (), conf_dir: Path = CONF_DIR) -> dict[str, Any]:
+    from vlm.models.vlm import VisionLanguageModel
+
+    model_cfg = compose_model_config(overrides, conf_dir)
+    with torch.device("meta"):
+        model = VisionLanguageModel.from_config(model_cfg)
+    out: dict[str, Any] = {part: count(getattr(model, part).parameters()) for part in PARTS}
+    out["total"] = count(model.parameters())
+    out["total_mb_bf16"] = out["total"] * 2 / MB
+    out["tokens_per_image"] = model.tokens_per_image
+    out["stages"] = {name: _stage(model, trainable) for name, trainable in stage_presets(conf_dir).items()}
+    return out
+
+
+def _stage(model: nn.Module, trainable: list[str]) -> dict[str, Any]:
+    try:
+        params = [p for name in trainable for p in model.get_submodule(name).parameters()]
+    except AttributeError:
+        return {"trainable": trainable, "error": "names a part this model does not have"}
+    n = count(params)
+    return {"trainable": trainable, "params": n, "mb_fp32": n * 4 / MB, "mb_bf16": n * 2 / MB}
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    lines = [f"{'part':<12}{'parameters':>16}"]
+    lines += [f"{part:<12}{s[part]:>16,}" for part in (*PARTS, "total")]
+    lines.append(f"tokens per image: {s['tokens_per_image']}; whole model in bf16: {s['total_mb_bf16']:,.1f} MB")
+    lines.append("")
+    lines.append(f"{'stage':<10}{'trainable':<32}{'parameters':>16}{'MB fp32':>12}{'MB bf16':>12}")
+    for name, st in s["stages"].items():
+        parts = ",".join(st["trainable"])
+        if "error" in st:
+            lines.append(f"{name:<10}{parts:<32}  ({st['error']})")
+        else:
+            lines.append(f"{name:<10}{parts:<32}{st['params']:>16,}{st['mb_fp32']:>12,.1f}{st['mb_bf16']:>12,.1f}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m vlm.summary", description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=llava_7b")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    args = parser.parse_args(argv)
+    s = summarize(args.overrides)
+    print(json.dumps(s) if args.json else format_summary(s))
+    return s
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
