@@ -306,3 +306,16 @@ def test_tiny_preset_composes_and_builds() -> None:
     model = VisionLanguageModel.from_config(model_cfg, make_tokenizer())
     assert model.encoder.num_tokens == 64 and model.tokens_per_image == 16
     assert model.decoder.config.hidden_size == 128 and model.decoder.config.num_hidden_layers == 4
+
+
+def test_prefix_mask_follows_the_model_dtype() -> None:
+    model, tokenizer = tiny_model("prefix")
+    model.to(torch.bfloat16)
+    ids = ids_with_images(model, tokenizer, ["a", 1, "red", "<pad>"])
+    mask = torch.ones_like(ids)
+    mask[0, -1] = 0
+    bias = model.attention_bias(ids, mask)
+    assert bias.dtype == torch.bfloat16 and bias.min() == torch.finfo(torch.bfloat16).min
+    with torch.no_grad():
+        logits = model(ids, mask, torch.randn(1, 3, 16, 16)).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vlm.models.decoders import decoder_export_config
@@ -94,8 +95,11 @@ class VisionLanguageModel(nn.Module):
             )
         return embeds.masked_scatter(slots.unsqueeze(-1), features.to(embeds.dtype))
 
-    def attention_bias(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """`causal`: the 2D padding mask as is. `prefix`: an additive float (B, 1, L, L) mask in the model dtype.
+    def attention_bias(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """`causal`: the 2D padding mask as is. `prefix`: an additive float (B, 1, L, L) mask in `dtype` (default:
+        the embedding weights'; `forward` passes its embeddings' dtype, which is the compute dtype under FSDP).
 
         Prefix: position i sees j if j <= i, or if both lie in the same contiguous run of `<image>` tokens; padded
         columns are blocked. A boolean 4D mask would be read as +1/0 by eager attention (no masking), hence floats.
@@ -108,11 +112,11 @@ class VisionLanguageModel(nn.Module):
         pos = torch.arange(length, device=input_ids.device)
         allowed = (pos[None, :, None] >= pos[None, None, :]).expand(batch, length, length)
         image = input_ids == self.image_token_id
-        starts = image & ~torch.nn.functional.pad(image, (1, 0))[:, :-1]
+        starts = image & ~F.pad(image, (1, 0))[:, :-1]
         run = starts.cumsum(-1)
         same_run = image[:, :, None] & image[:, None, :] & (run[:, :, None] == run[:, None, :])
         allowed = (allowed | same_run) & attention_mask.bool()[:, None, :]
-        dtype = self.decoder.get_input_embeddings().weight.dtype
+        dtype = dtype or self.decoder.get_input_embeddings().weight.dtype
         bias = torch.zeros(batch, 1, length, length, dtype=dtype, device=input_ids.device)
         return bias.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
 
@@ -130,9 +134,10 @@ class VisionLanguageModel(nn.Module):
         No KV cache is built unless `use_cache=True` is passed (training needs none).
         """
         decoder_kwargs.setdefault("use_cache", False)
+        embeds = self.embed(input_ids, pixel_values)
         return self.decoder(
-            inputs_embeds=self.embed(input_ids, pixel_values),
-            attention_mask=self.attention_bias(input_ids, attention_mask),
+            inputs_embeds=embeds,
+            attention_mask=self.attention_bias(input_ids, attention_mask, embeds.dtype),
             position_ids=position_ids,
             labels=labels,
             **decoder_kwargs,
