@@ -61,8 +61,12 @@ def test_timm_resolution_change() -> None:
     assert enc.image_size == 48 and enc.grid == (12, 12) and enc.num_tokens == 144
     with torch.no_grad():
         assert enc(torch.randn(1, 3, 48, 48)).shape == (1, 144, 96)
-    with pytest.raises(ValueError, match="multiple of the patch size"):
-        enc.set_image_size(50)
+    enc.set_image_size(50)  # not a multiple of 4: the patch conv floors, like SigLIP so400m/14 at 384 px
+    assert enc.grid == (12, 12)
+    with torch.no_grad():
+        assert enc(torch.randn(1, 3, 50, 50)).shape == (1, 144, 96)
+    with pytest.raises(ValueError, match="smaller than the patch size"):
+        enc.set_image_size(2)
 
 
 def test_timm_normalisation_follows_pretrained_cfg() -> None:

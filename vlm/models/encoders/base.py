@@ -62,8 +62,9 @@ class VisionEncoder(nn.Module, ABC):
         return {}
 
     def _check_image_size(self, size: int) -> None:
-        if size % self.patch_size:
-            raise ValueError(f"image size {size} is not a multiple of the patch size {self.patch_size}")
+        # Not necessarily a multiple: SigLIP so400m/14 runs at 384 px, a 27x27 grid (the patch conv floors).
+        if size < self.patch_size:
+            raise ValueError(f"image size {size} is smaller than the patch size {self.patch_size}")
 
     def _check_feature_layer(self, num_layers: int) -> None:
         if not -num_layers <= self.feature_layer < num_layers:
