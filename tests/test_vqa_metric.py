@@ -51,3 +51,24 @@ def test_score_reports_per_type() -> None:
     assert metrics["vqa/accuracy_color"] == pytest.approx(0.5)
     assert metrics["vqa/accuracy_count"] == 1.0
     assert [p["score"] for p in preds] == [1.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("wouldnt've", "wouldn't've"),  # from the official list beyond the common ones
+        ("oclock", "o'clock"),
+        ("twas", "'twas"),
+        ("Whats", "what's"),
+        ("dogs.", "dogs"),  # a period not followed by a digit goes
+        ("An apple; a pear", "apple pear"),  # a punctuation mark next to a space is removed, not spaced
+        ("zero", "0"),
+    ],
+)
+def test_official_normalisation_details(raw: str, expected: str) -> None:
+    assert normalize_answer(raw) == expected
+
+
+def test_normalised_prediction_matches_unanimous_references() -> None:
+    assert vqa_accuracy("Two.", ["2"] * 10) == 1.0
+    assert vqa_accuracy("It's red", ["its red"] * 10) == 0.0  # "its" is not on the list: no match
