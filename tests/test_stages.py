@@ -125,7 +125,7 @@ def test_recipe_end_to_end(shapes: Path, tmp_path: Path) -> None:
             "data.prepare.num_train=300", "data.prepare.num_val=40", "data.prepare.num_test=40",
             "data.prepare.samples_per_shard=100"]
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("train", overrides=[*user, f"run_dir={tmp_path}", "eval_overrides=[task.limit=8]"])
+        cfg = compose("train", overrides=[*user, f"run_dir={tmp_path}", "eval_overrides=['task.limit=8']"])
         metrics = run_recipe(cfg, user_overrides=user)
     for name in ("lm", "align", "sft"):
         assert (tmp_path / name / "model" / "model.safetensors").exists()
