@@ -42,7 +42,10 @@ def tiny_vlm(tokenizer_dir: Path, attention: str = "causal", seed: int = 0):
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     model = VisionLanguageModel.from_config(config, tokenizer).eval()
-    with torch.no_grad():  # a sharper random LM: greedy choices are far from ties, so float noise cannot flip them
+    with torch.no_grad():
+        # resizing to the tokenizer gives every new row (nearly) the mean embedding: give each token its own
+        model.decoder.get_input_embeddings().weight.normal_(0.0, 1.0)
+        # a sharper random LM: greedy choices are far from ties, so float noise cannot flip them
         model.decoder.get_output_embeddings().weight.mul_(8.0)
     return model, tokenizer
 

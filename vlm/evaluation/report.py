@@ -62,7 +62,7 @@ def draw_grid(
     """A PNG grid: image, then `Q:` question, `P:` prediction (green if `passed(p)`, else red), `A:` answer."""
     font = _font(13)
     chars = max(12, cell // 7)
-    line_height, text_lines = 16, 8
+    line_height, text_lines = 16, 7
     rows = max(1, -(-len(predictions) // columns))
     width, height = columns * cell, rows * (cell + text_lines * line_height + 8)
     canvas = Image.new("RGB", (width, height), "white")

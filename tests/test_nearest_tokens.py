@@ -1,0 +1,79 @@
+"""Nearest tokens on a tiny model: one token per patch, the right neighbour when a feature is a word's embedding,
+and the PNG and the printed counts of the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from vlm.analysis.nearest_tokens import main, nearest_tokens, token_grid
+
+
+@pytest.fixture(scope="module")
+def model_and_dir(tmp_path_factory):
+    from test_generation import tiny_vlm
+    from vlm.data.synthetic.shapes import ensure_shapes
+
+    root = tmp_path_factory.mktemp("nearest")
+    shapes = ensure_shapes(root / "shapes", num_train=4, num_val=2, num_test=2, samples_per_shard=4)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model, tokenizer = tiny_vlm(shapes / "tokenizer")
+    Image.new("RGB", (40, 40), (240, 205, 20)).save(root / "yellow.png")
+    yield model, tokenizer, model.save_pretrained(root / "model", tokenizer)
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(("n", "grid", "expected"), [(16, (4, 4), (4, 4, 0)), (17, (4, 4), (4, 4, 1)),
+                                                    (4, (4, 4), (2, 2, 0)), (6, (4, 6), (2, 3, 0))])
+def test_token_grid(n: int, grid: tuple[int, int], expected: tuple[int, int, int]) -> None:
+    assert token_grid(n, grid) == expected
+
+
+def test_token_grid_rejects_counts_that_are_no_grid() -> None:
+    with pytest.raises(ValueError):
+        token_grid(5, (4, 4))
+
+
+def test_a_feature_equal_to_a_word_embedding_finds_that_word(model_and_dir) -> None:
+    model, tokenizer, _ = model_and_dir
+    words = ["red", "circle", "square", "blue"] * 4  # one per patch of the 4x4 grid
+    ids = [tokenizer(" " + w, add_special_tokens=False)["input_ids"][-1] for w in words]
+    table = model.decoder.get_input_embeddings().weight
+    hook = model.projector.register_forward_hook(lambda m, a, out: 3.0 * table[ids][None].to(out.dtype))
+    try:
+        result = nearest_tokens(model, tokenizer, Image.new("RGB", (16, 16)))
+    finally:
+        hook.remove()
+    assert result.grid == (4, 4) and len(result.tokens) == 16
+    assert result.ids == ids and result.tokens == words
+    assert result.similarity == pytest.approx([1.0] * 16, abs=1e-5)
+    assert result.most_common(2) == [("red", 4), ("circle", 4)]
+
+
+def test_special_tokens_are_not_candidates(model_and_dir) -> None:
+    model, tokenizer, _ = model_and_dir
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    table = model.decoder.get_input_embeddings().weight
+    hook = model.projector.register_forward_hook(lambda m, a, out: table[[image_id] * 16][None].to(out.dtype))
+    try:
+        result = nearest_tokens(model, tokenizer, Image.new("RGB", (16, 16)))
+        with_special = nearest_tokens(model, tokenizer, Image.new("RGB", (16, 16)), include_special=True)
+    finally:
+        hook.remove()
+    assert image_id not in result.ids
+    assert with_special.ids == [image_id] * 16
+
+
+def test_command_line_prints_counts_and_writes_the_picture(model_and_dir, tmp_path: Path, capsys) -> None:
+    model, tokenizer, model_dir = model_and_dir
+    out = tmp_path / "words.png"
+    result = main([f"model_dir={model_dir}", f"image={model_dir.parent / 'yellow.png'}", f"out={out}", "top=3"])
+    assert len(result.tokens) == 16 == model.encoder.grid[0] * model.encoder.grid[1]  # one per patch
+    assert Image.open(out).size == (768, 768)
+    printed = capsys.readouterr().out
+    word, count = result.most_common(1)[0]
+    assert f"{count:5d}  {word!r}" in printed and "4x4 image tokens" in printed

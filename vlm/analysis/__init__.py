@@ -1,0 +1,1 @@
+"""Looking inside trained models (nearest vocabulary tokens of image features, ...)."""
