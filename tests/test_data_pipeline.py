@@ -76,7 +76,10 @@ def test_shard_specs(shapes: Path) -> None:
     assert expand_shards(str(shapes / "train-{000000..000002}.tar")) == names
     assert expand_shards(str(shapes / "train.txt")) == names  # relative entries resolved against the list file
     assert expand_shards([names[0], str(shapes / "train-00000[12].tar")]) == names
-    assert expand_shards(str(shapes / "train-{000000..000005}.tar")) == names  # partial match keeps what exists
+    partial = str(shapes / "train-{000000..000005}.tar")
+    with pytest.raises(FileNotFoundError, match="train-000003.tar"):  # a named file that is missing: an error
+        expand_shards(partial)
+    assert expand_shards(partial, allow_missing=True) == names  # unless asked to keep what exists
     assert expand_shards(f"pipe:cat {names[0]}") == [f"pipe:cat {names[0]}"]
     first = next(iterate_samples(f"pipe:cat {names[0]}"))
     assert first["__key__"] == "train-000000" and isinstance(first["png"], Image.Image)
@@ -115,7 +118,9 @@ def test_datamodule_batches(shapes: Path, processor: Processor) -> None:
     dm = DataModule(processor, str(shapes / "train.txt"), val=str(shapes / "val.txt"), format="conversation",
                     batch_size=4, num_workers=1, shuffle_buffer=20, val_batches=2, seed=0, prepare={"ignored": 1})
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"input_ids", "attention_mask", "labels", "pixel_values", "keys"}
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "pixel_values", "keys", "stream"}
+    assert batch["stream"] == {"worker": 0, "epoch": 0, "position": batch["stream"]["position"], "index": 0,
+                               "image_size": 16}
     b, length = batch["input_ids"].shape
     assert b == 4 and batch["labels"].shape == batch["attention_mask"].shape == (4, length)
     assert batch["pixel_values"].shape == (4, 3, 16, 16) and batch["pixel_values"].dtype == torch.float32

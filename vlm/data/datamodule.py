@@ -2,22 +2,32 @@
 
 The Hydra config instantiates this with `_partial_: true`; the stage runner then calls it with `processor=...`
 (the processor depends on the tokenizer and the model's tokens per image, which the data config cannot know).
+
+One source (`train`, `val`, `format`) or a mixture (`sources: {name: {train, val, format, weight, ...}}`), each
+source with its own shard shuffling and sample buffer, mixed per sample in proportion to the weights. The training
+stream (`vlm.data.stream`) is a deterministic function of (seed, rank, worker, position); the module's
+`state_dict()` records the batches served, so a resumed run fast-forwards to exactly where it stopped. It also
+keeps the model's encoder on the resolution each batch was built at (`resolution_schedule`) and logs skip counts.
 """
 from __future__ import annotations
 
+import logging
 import os
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import lightning as L
 import torch
-import webdataset as wds
-from torch.utils.data import DataLoader
 
 from vlm.data.collate import Collator
 from vlm.data.formats import FORMATS
-from vlm.data.pipeline import SampleFn, SkipCounter, expand_shards, make_pipeline
+from vlm.data.pipeline import SampleFn, SkipCounter, Source, dist_info, expand_shards
+from vlm.data.resolution import ProcessorSizes, ResolutionSchedule, match_batch_resolution, tokens_per_image_at
+from vlm.data.stream import StreamDataset, StreamLoader, StreamProgress, StreamState
+
+log = logging.getLogger(__name__)
 
 ShardSpec = str | Sequence[str]
+SOURCE_KEYS = {"train", "val", "format", "weight", "caption_prompts", "caption_field", "shuffle_buffer"}
 
 
 def _init_worker(worker_id: int) -> None:
@@ -27,11 +37,20 @@ def _init_worker(worker_id: int) -> None:
 
 
 class DataModule(L.LightningDataModule):
-    """Batches of `{"input_ids","attention_mask","labels","pixel_values"?, "keys"}` (docs/architecture.md).
+    """Batches of `{"input_ids","attention_mask","labels","pixel_values"?, "keys", "stream"}` (docs/architecture.md;
+    `stream` says which worker stream, epoch, position and image size made the batch).
 
     train/val/test: brace or glob pattern, list of patterns, or `.txt` shard-list file (local files are checked
-    here). resampled: infinite seeded training stream (set `max_steps`); otherwise epochs with shard shuffling.
+    here: a pattern matching nothing or a missing file is an error naming it, unless `allow_missing_shards`).
+    sources: a mixture instead of `train`/`val`: `{name: {train, val?, format?, weight?, caption_prompts?,
+    caption_field?, shuffle_buffer?}}`; `format` defaults to the stage's.
+    resampled: infinite seeded training stream (set `max_steps`); otherwise epochs with shard shuffling
+    (`shardshuffle`: any true value shuffles the shard list per epoch, identically on every rank).
+    batches_per_epoch: virtual epochs of this many batches per rank (webdataset's `with_epoch`, counted in batches
+    over all workers); None = unbounded (resampled) or one pass over the shards.
+    resolution_schedule: `{step: image_size}` within the stage, e.g. `{0: 224, 1000: 336}` (optimizer steps).
     val_batches: cap on validation batches (the same first batches every time); None = the whole val set.
+    caption_field: json field that holds the caption when a sample has no `txt` (img2dataset: "caption").
     prepare: the config's data preparation node; accepted and ignored (the runner calls it before this).
     `test` is only stored (`test_urls`) for evaluation code, e.g. `iterate_samples(dm.test_urls)`.
     """
@@ -39,7 +58,7 @@ class DataModule(L.LightningDataModule):
     def __init__(
         self,
         processor: Any,
-        train: ShardSpec,
+        train: ShardSpec | None = None,
         val: ShardSpec | None = None,
         format: str = "conversation",
         batch_size: int = 32,
@@ -50,68 +69,239 @@ class DataModule(L.LightningDataModule):
         val_batches: int | None = None,
         caption_prompts: Sequence[str] | None = None,
         test: ShardSpec | None = None,
-        shardshuffle: int = 100,
+        shardshuffle: int | bool = 100,
         prepare: Any = None,
+        sources: Mapping[str, Mapping[str, Any]] | None = None,
+        batches_per_epoch: int | None = None,
+        resolution_schedule: Mapping[int | str, int] | None = None,
+        caption_field: str = "caption",
+        allow_missing_shards: bool = False,
+        log_every_n_steps: int | None = None,
     ):
         super().__init__()
         if format not in FORMATS:
             raise ValueError(f"unknown data format {format!r}; expected one of {FORMATS}")
         self.processor = processor
         self.format = format
-        self.train_urls = expand_shards(train)
-        self.val_urls = expand_shards(val) if val else None
-        self.test_urls = expand_shards(test) if test else None
+        self.caption_prompts = list(caption_prompts) if caption_prompts else None
+        self.caption_field = caption_field
+        self.allow_missing_shards = bool(allow_missing_shards)
+        self.sources = self._sources(train, val, sources)
+        self.train_urls = [u for s in self.sources for u in s.urls]
+        self.val_sources = self._val_sources(val)
+        self.val_urls = [u for s in self.val_sources for u in (s.val_urls or [])] or None
+        self.test_urls = expand_shards(test, self.allow_missing_shards) if test else None
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
         self.shuffle_buffer = int(shuffle_buffer)
         self.resampled = bool(resampled)
         self.seed = int(seed)
         self.val_batches = int(val_batches) if val_batches else None
-        self.caption_prompts = list(caption_prompts) if caption_prompts else None
         self.shardshuffle = shardshuffle
+        self.batches_per_epoch = int(batches_per_epoch) if batches_per_epoch else None
+        self.resolution_schedule = dict(resolution_schedule) if resolution_schedule else None
+        self.log_every_n_steps = log_every_n_steps
         self.counters = {"train": SkipCounter(), "val": SkipCounter()}
-        self._sample_fn = SampleFn(processor, format, self.caption_prompts)
+        self._sample_fn = SampleFn(processor, format, self.caption_prompts, caption_field)
+        self.processors = ProcessorSizes(processor)
+        self.schedule: ResolutionSchedule | None = None
+        self.progress = StreamProgress(self.num_workers, self.batches_per_epoch)
+        self._model: Any = None
+        self._restored: dict[str, Any] | None = None
+        self._last_logged_step = -1
+
+    # ------------------------------------------------------------ configuration
+
+    def _sources(self, train: ShardSpec | None, val: ShardSpec | None,
+                 sources: Mapping[str, Mapping[str, Any]] | None) -> list[Source]:
+        if sources:
+            if train:
+                raise ValueError("give either `train` (one source) or `sources` (a mixture), not both")
+            out = []
+            for name, spec in dict(sources).items():
+                if spec is None:  # a source switched off from the command line (data.sources.x=null)
+                    continue
+                spec = dict(spec)
+                unknown = set(spec) - SOURCE_KEYS
+                if unknown:
+                    raise ValueError(f"source {name!r}: unknown keys {sorted(unknown)}; known: {sorted(SOURCE_KEYS)}")
+                if not spec.get("train"):
+                    raise ValueError(f"source {name!r} has no `train` shards")
+                fmt = spec.get("format") or self.format
+                if fmt not in FORMATS:
+                    raise ValueError(f"source {name!r}: unknown data format {fmt!r}; expected one of {FORMATS}")
+                weight = float(spec.get("weight", 1.0))
+                if weight < 0:
+                    raise ValueError(f"source {name!r}: negative weight {weight}")
+                try:
+                    urls = expand_shards(spec["train"], self.allow_missing_shards)
+                    val_urls = expand_shards(spec["val"], self.allow_missing_shards) if spec.get("val") else None
+                except FileNotFoundError as exc:
+                    raise FileNotFoundError(f"data source {name!r}: {exc}") from exc
+                prompts = spec.get("caption_prompts")
+                out.append(Source(
+                    name=str(name), urls=urls, format=fmt, weight=weight,
+                    caption_prompts=list(prompts) if prompts else self.caption_prompts,
+                    caption_field=spec.get("caption_field") or self.caption_field,
+                    shuffle_buffer=spec.get("shuffle_buffer"), val_urls=val_urls,
+                ))
+            if not out or not any(s.weight > 0 for s in out):
+                raise ValueError("a mixture needs at least one source with a positive weight")
+            return out
+        if not train:
+            raise ValueError("no training data: set `train` (shards) or `sources` (a mixture)")
+        return [Source(name="train", urls=expand_shards(train, self.allow_missing_shards), format=self.format,
+                       caption_prompts=self.caption_prompts, caption_field=self.caption_field)]
+
+    def _val_sources(self, val: ShardSpec | None) -> list[Source]:
+        if val:
+            return [Source(name="val", urls=[], format=self.format, caption_prompts=self.caption_prompts,
+                           caption_field=self.caption_field, val_urls=expand_shards(val, self.allow_missing_shards))]
+        return [s for s in self.sources if s.val_urls]
+
+    def _sample_fns(self, sources: Sequence[Source]) -> list[SampleFn]:
+        return [SampleFn(self.processor, s.format, s.caption_prompts, s.caption_field) for s in sources]
 
     @property
     def collator(self) -> Collator:
         return Collator(self.processor.pad_token_id, padding_side="right")
 
+    def _dist(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is not None:
+            return int(trainer.global_rank), int(trainer.world_size)
+        return dist_info()
+
+    def set_model(self, model: Any) -> None:
+        """The model whose tokens per image a resolution schedule needs (found via the trainer when attached)."""
+        self._model = model
+
+    def _the_model(self) -> Any:
+        if self._model is not None:
+            return self._model
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        return getattr(module, "model", None)
+
+    def _prepare_schedule(self) -> None:
+        """Resolve the schedule (accumulation from the trainer) and tokens per image at each of its sizes."""
+        if not self.resolution_schedule:
+            return
+        accumulate = int(getattr(self.trainer, "accumulate_grad_batches", 1) or 1) if self.trainer else 1
+        self.schedule = ResolutionSchedule(self.resolution_schedule, accumulate)
+        if not hasattr(self.processor, "tokens_per_image"):
+            return  # e.g. a dual encoder's processor: pixels only
+        missing = [s for s in self.schedule.sizes if s != self.processors.base_size and s not in self.processors.tokens]
+        if missing:
+            model = self._the_model()
+            if model is None or not hasattr(model, "encoder"):
+                raise ValueError("a resolution schedule needs the model's tokens per image: call set_model(model) "
+                                 "or fit with a LightningModule that has `.model`")
+            for size in missing:
+                self.processors.tokens[size] = tokens_per_image_at(model, size)
+            if self.processors.base_size is not None:
+                self.processors.tokens[self.processors.base_size] = int(self.processor.tokens_per_image)
+
+    def _check_shard_counts(self, world: int) -> None:
+        if self.resampled:
+            return
+        readers = world * max(1, self.num_workers)
+        for source in self.sources:
+            if len(source.urls) < readers:
+                log.warning("source %r has %d shards for %d ranks x %d workers: some read nothing and ranks may get "
+                            "unequal batch counts (write more, smaller shards)", source.name, len(source.urls),
+                            world, max(1, self.num_workers))
+
     def _loader_args(self, num_workers: int) -> dict[str, Any]:
         return dict(
-            batch_size=self.batch_size,
-            collate_fn=self.collator,
             num_workers=num_workers,
             persistent_workers=num_workers > 0,
             worker_init_fn=_init_worker if num_workers > 0 else None,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        dataset = make_pipeline(
-            self.train_urls,
-            self._sample_fn,
-            self.counters["train"],
-            resampled=self.resampled,
-            seed=self.seed,
-            shuffle_buffer=self.shuffle_buffer,
-            shardshuffle=self.shardshuffle,
+    # ------------------------------------------------------------ loaders
+
+    def train_dataloader(self) -> StreamLoader:
+        rank, world = self._dist()
+        self._check_shard_counts(world)
+        self._prepare_schedule()
+        self._apply_restored(rank, world)
+        if self.progress.served == 0 and self.trainer is not None and self.trainer.global_step > 0:
+            # resumed from a checkpoint without data state: at least do not replay the same stream
+            self.progress.served = int(self.trainer.global_step) * int(self.trainer.accumulate_grad_batches)
+            self.progress.salt = self.progress.served + 1
+            log.warning("resuming at step %d without data-stream state: the stream is re-seeded from the step "
+                        "count (no exact continuation)", self.trainer.global_step)
+        dataset = StreamDataset(
+            self.sources, self._sample_fns(self.sources), self.processors, self.collator, self.counters["train"],
+            StreamState(self.num_workers), self.batch_size, self.num_workers, train=True,
+            resampled=self.resampled, seed=self.seed, shuffle_buffer=self.shuffle_buffer,
+            shardshuffle=self.shardshuffle, schedule=self.schedule, rank=rank, world_size=world,
         )
-        return DataLoader(dataset, **self._loader_args(self.num_workers))
+        return StreamLoader(dataset, progress=self.progress, **self._loader_args(self.num_workers))
+
+    def current_image_size(self) -> int | None:
+        """The image size of the last served training batch (what the encoder is at), None = the processor's."""
+        if self.schedule is None:
+            return self.progress.image_size
+        return self.schedule.size_for_batch(max(self.progress.served - 1, 0))
 
     def val_dataloader(self) -> Any:
         if not self.val_urls:
             return []
-        dataset = make_pipeline(
-            self.val_urls, self._sample_fn, self.counters["val"], resampled=False, seed=self.seed,
-            shuffle_buffer=0, shardshuffle=False,
-        )
+        rank, world = self._dist()
+        self._prepare_schedule()
         # more workers than shards would only idle; one pass in shard order keeps validation comparable
-        args = self._loader_args(min(self.num_workers, len(self.val_urls)))
-        if self.val_batches:
-            return wds.WebLoader(dataset, **args).slice(self.val_batches)
-        return DataLoader(dataset, **args)
+        workers = min(self.num_workers, len(self.val_urls))
+        dataset = StreamDataset(
+            self.val_sources, self._sample_fns(self.val_sources), self.processors, self.collator,
+            self.counters["val"], StreamState(workers), self.batch_size, workers, train=False, seed=self.seed,
+            rank=rank, world_size=world,
+        )
+        return StreamLoader(dataset, image_size=self.current_image_size, limit=self.val_batches,
+                            **self._loader_args(workers))
+
+    # ------------------------------------------------------------ serving, resolution, logging
+
+    def record_batch(self, batch: Mapping[str, Any]) -> None:
+        """Count one training batch as served (the Lightning hook does this; call it when looping by hand)."""
+        meta = batch.get("stream")
+        if isinstance(meta, Mapping):
+            self.progress.record(dict(meta))
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        trainer = self.trainer
+        if trainer is None or not isinstance(batch, dict):
+            return batch
+        if trainer.training:
+            self.record_batch(batch)
+            self._log_progress(trainer)
+        model = self._the_model()
+        if model is not None:
+            match_batch_resolution(model, batch, trainer.optimizers, self.processors.tokens)
+        return batch
+
+    def _log_progress(self, trainer: Any) -> None:
+        step = int(trainer.global_step)
+        every = int(self.log_every_n_steps or getattr(trainer, "log_every_n_steps", 50) or 50)
+        if step % every or step == self._last_logged_step or not trainer.is_global_zero:
+            return
+        self._last_logged_step = step
+        skipped = self.skipped("train")
+        metrics: dict[str, float] = {"data/skipped": float(sum(skipped.values())),
+                                     "data/epoch": float(self.progress.epoch)}
+        metrics.update({f"data/skipped/{reason}": float(n) for reason, n in skipped.items()})
+        if self.progress.image_size is not None:
+            metrics["data/image_size"] = float(self.progress.image_size)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit" and (self.trainer is None or self.trainer.is_global_zero):
+            log.info("data: %d training batches served (epoch %d); skipped samples: %s", self.progress.served,
+                     max(self.progress.epoch, 0), self.skipped() or "none")
 
     def skipped(self, split: str | None = None) -> dict[str, int]:
-        """Skipped samples by reason, for one split or summed over train and val."""
+        """Skipped samples by reason, for one split or summed over train and val (this rank's workers)."""
         if split is not None:
             return self.counters[split].counts()
         total: dict[str, int] = {}
@@ -119,3 +309,50 @@ class DataModule(L.LightningDataModule):
             for reason, n in counter.counts().items():
                 total[reason] = total.get(reason, 0) + n
         return total
+
+    # ------------------------------------------------------------ checkpoint state
+
+    def _signature(self, world: int) -> dict[str, Any]:
+        return {"num_workers": self.num_workers, "world_size": world, "batch_size": self.batch_size,
+                "seed": self.seed, "resampled": self.resampled, "batches_per_epoch": self.batches_per_epoch,
+                "sources": [[s.name, s.weight, len(s.urls)] for s in self.sources]}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Batches served and, per rank and worker stream, the raw position reached (saved in checkpoints)."""
+        rank, world = self._dist()
+        state = {**self.progress.state_dict(), **self._signature(world)}
+        positions = torch.tensor(self.progress.positions, dtype=torch.long)
+        if world > 1 and self.trainer is not None:  # every rank dumps the checkpoint; rank 0 writes it
+            gathered = self.trainer.strategy.all_gather(positions)
+            state["positions_by_rank"] = gathered.reshape(world, -1).tolist()
+        else:
+            state["positions_by_rank"] = [positions.tolist()]
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the stream position; applied when the training loader is built (rank known by then)."""
+        self._restored = dict(state_dict)
+
+    def _apply_restored(self, rank: int, world: int) -> None:
+        state, self._restored = self._restored, None
+        if state is None:
+            return
+        expected = self._signature(world)
+        diffs = {k: (state.get(k), v) for k, v in expected.items() if _plain(state.get(k)) != _plain(v)}
+        rows = state.get("positions_by_rank") or []
+        positions = rows[rank] if rank < len(rows) else None
+        exact = not diffs and positions is not None
+        self.progress.load(state, positions, exact)
+        if exact:
+            log.info("data stream resumed exactly after %d batches (epoch %d)", self.progress.served,
+                     self.progress.epoch)
+        else:
+            log.warning("data stream resumed after %d batches but not exactly (changed: %s): the rest of this epoch "
+                        "is a new stream seeded from the batch count", self.progress.served,
+                        diffs or "no positions for this rank")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

@@ -107,11 +107,20 @@ def _meta(sample: dict[str, Any]) -> dict[str, Any]:
     return meta
 
 
-def _caption(sample: dict[str, Any]) -> str | None:
+def _json_field(data: Any, field: str) -> Any:
+    """`data["a"]["b"]` for field "a.b"; None when any step is missing."""
+    for part in field.split("."):
+        if not isinstance(data, dict):
+            return None
+        data = data.get(part)
+    return data
+
+
+def _caption(sample: dict[str, Any], caption_field: str = "caption") -> str | None:
+    """`txt` if it is non-empty, else the json's `caption_field` (dotted path; img2dataset writes "caption")."""
     text = sample.get("txt")
     if not (isinstance(text, str) and text.strip()):
-        data = sample.get("json")
-        text = data.get("caption") if isinstance(data, dict) else None
+        text = _json_field(sample.get("json"), caption_field) if caption_field else None
     if isinstance(text, str) and text.strip():
         return text.strip()
     return None
@@ -127,17 +136,23 @@ def pick_prompt(key: str, prompts: Sequence[str]) -> str:
     return prompts[zlib.crc32(key.encode("utf-8")) % len(prompts)]
 
 
-def text_record(sample: dict[str, Any], **_: Any) -> Record:
+def text_record(sample: dict[str, Any], caption_field: str = "caption", **_: Any) -> Record:
     """`txt` (or the json caption) as plain text for language-model training; images are ignored."""
-    text = _caption(sample)
+    text = _caption(sample, caption_field)
     if text is None:
         raise SkipSample("missing_text")
     return Record(text=text, meta=_meta(sample))
 
 
-def caption_record(sample: dict[str, Any], caption_prompts: Sequence[str] | None = None, **_: Any) -> Record:
-    """Image + caption -> `[user: "<image>\\n" + prompt, assistant: caption]`."""
-    caption = _caption(sample)
+def caption_record(
+    sample: dict[str, Any], caption_prompts: Sequence[str] | None = None, caption_field: str = "caption", **_: Any
+) -> Record:
+    """Image + caption -> `[user: "<image>\\n" + prompt, assistant: caption]`.
+
+    The caption is `txt`, or the json's `caption_field`: img2dataset shards (`{key}.jpg`, `{key}.txt`,
+    `{key}.json`) are read as they are.
+    """
+    caption = _caption(sample, caption_field)
     if caption is None:
         raise SkipSample("missing_caption")
     name = _default_image_field(sample)
@@ -209,10 +224,12 @@ CONVERTERS: dict[str, Callable[..., Record]] = {
 }
 
 
-def to_record(sample: dict[str, Any], format: str, caption_prompts: Sequence[str] | None = None) -> Record:
+def to_record(
+    sample: dict[str, Any], format: str, caption_prompts: Sequence[str] | None = None, caption_field: str = "caption"
+) -> Record:
     """Convert one decoded sample with the converter registered for `format`."""
     try:
         converter = CONVERTERS[format]
     except KeyError:
         raise ValueError(f"unknown data format {format!r}; expected one of {sorted(CONVERTERS)}") from None
-    return converter(sample, caption_prompts=caption_prompts)
+    return converter(sample, caption_prompts=caption_prompts, caption_field=caption_field)

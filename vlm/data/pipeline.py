@@ -10,11 +10,15 @@ import glob
 import logging
 import multiprocessing
 import os
+import random
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import webdataset as wds
+from webdataset.filters import _shuffle as _wds_shuffle
 from webdataset.shardlists import expand_urls as _wds_expand
+from webdataset.tariterators import tarfile_samples
 
 from vlm.data.formats import SkipSample, decode_sample, to_record
 from vlm.data.processor import TruncationError
@@ -127,12 +131,16 @@ def _read_list_file(path: str) -> list[str]:
     return entries
 
 
-def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+def expand_shards(
+    spec: str | os.PathLike | Sequence[str | os.PathLike], allow_missing: bool = False
+) -> list[str]:
     """Shard URLs from a brace/glob pattern (or `::`-joined patterns), a list of them, or a `.txt` list file.
 
     Local patterns are checked now, so a wrong path fails at construction with the pattern in the message
-    rather than as an empty stream inside a worker: a pattern that matches no file is an error, one that
-    matches only some files keeps those with a warning. `pipe:` and remote URLs pass through unchecked.
+    rather than as an empty stream inside a worker: a pattern that matches no file is an error, and so is a
+    brace pattern or list entry naming a file that does not exist (the message names the first missing file),
+    unless `allow_missing` (then the missing ones are dropped with a warning). Globs match what exists.
+    `pipe:` and remote URLs pass through unchecked.
     """
     specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
     if not specs:
@@ -141,7 +149,7 @@ def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     for item in specs:
         pattern = os.fspath(item)
         if _is_local(pattern) and pattern.endswith(".txt"):
-            urls += expand_shards(_read_list_file(_local_path(pattern)))
+            urls += expand_shards(_read_list_file(_local_path(pattern)), allow_missing)
             continue
         found: list[str] = []
         missing: list[str] = []
@@ -158,6 +166,11 @@ def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list
                 missing.append(path)
         if not found:
             raise FileNotFoundError(f"no shard files match {pattern!r}")
+        if missing and not allow_missing:
+            raise FileNotFoundError(
+                f"{len(missing)} of {len(missing) + len(found)} shards of {pattern!r} do not exist "
+                f"(first missing: {missing[0]}); pass allow_missing_shards=true to train on the rest"
+            )
         if missing:
             log.warning("%d of %d shards of %r do not exist (first: %s); using the rest",
                         len(missing), len(missing) + len(found), pattern, missing[0])
@@ -169,18 +182,98 @@ def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list
 
 
 class SampleFn:
-    """Raw sample -> decoded -> Record -> processor output (picklable, so spawned workers can run it)."""
+    """Raw sample -> decoded -> Record -> processor output (picklable, so spawned workers can run it).
+
+    `processor` passed to the call overrides the default one (another image size, see `vlm.data.resolution`).
+    """
 
     def __init__(
-        self, processor: Callable[[Any], dict[str, Any]], format: str, caption_prompts: Sequence[str] | None = None
+        self,
+        processor: Callable[[Any], dict[str, Any]] | None,
+        format: str,
+        caption_prompts: Sequence[str] | None = None,
+        caption_field: str = "caption",
     ):
         self.processor = processor
         self.format = format
         self.caption_prompts = list(caption_prompts) if caption_prompts else None
+        self.caption_field = caption_field
 
-    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+    def __call__(self, sample: dict[str, Any], processor: Callable[[Any], dict[str, Any]] | None = None) -> Any:
         decoded = decode_sample(sample, images=self.format != "text")
-        return self.processor(to_record(decoded, self.format, self.caption_prompts))
+        record = to_record(decoded, self.format, self.caption_prompts, self.caption_field)
+        return (processor or self.processor)(record)
+
+
+# ---------------------------------------------------------------- sources and raw streams
+
+
+@dataclass
+class Source:
+    """One data source of a stage: its shards, record format, mixing weight and shuffling.
+
+    `shuffle_buffer` None = the DataModule's. The name seeds the source's own shard and sample shuffling.
+    """
+
+    name: str
+    urls: list[str]
+    format: str = "conversation"
+    weight: float = 1.0
+    caption_prompts: list[str] | None = None
+    caption_field: str = "caption"
+    shuffle_buffer: int | None = None
+    val_urls: list[str] | None = None
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size): from torch.distributed when initialised, else the RANK / WORLD_SIZE environment."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def shard_assignment(urls: Sequence[str], rank: int, world_size: int, worker: int, num_workers: int) -> list[str]:
+    """Epoch mode: node split then worker split (strided), so no two (rank, worker) pairs share a shard."""
+    return list(urls)[rank::world_size][worker::num_workers]
+
+
+def raw_samples(
+    urls: Iterable[str],
+    counter: SkipCounter,
+    shuffle_buffer: int = 0,
+    rng: random.Random | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Tar samples (raw bytes per field) from a stream of shard URLs, through a seeded shuffle buffer.
+
+    Unreadable shards and tar members are counted as `read_error` and skipped.
+    """
+    samples = tarfile_samples((dict(url=u) for u in urls), handler=counter.handler("read_error"))
+    if shuffle_buffer and shuffle_buffer > 1:
+        samples = _wds_shuffle(iter(samples), shuffle_buffer, min(shuffle_buffer, 100), rng=rng or random.Random(0))
+    return iter(samples)
+
+
+def mix_samples(
+    streams: Sequence[Iterator[dict[str, Any]]], weights: Sequence[float], rng: random.Random
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(source index, sample), each draw from source i with probability weight_i / sum of live weights.
+
+    Seeded (unlike webdataset's RandomMix, which draws from the global `random`); a source that ends is dropped
+    and the rest keep their relative weights. One source: no draws at all.
+    """
+    live = [i for i, w in enumerate(weights) if w > 0]
+    if len(live) == 1:
+        for sample in streams[live[0]]:
+            yield live[0], sample
+        return
+    while live:
+        i = rng.choices(live, weights=[weights[k] for k in live])[0]
+        try:
+            yield i, next(streams[i])
+        except StopIteration:
+            live.remove(i)
 
 
 def make_pipeline(

@@ -7,6 +7,7 @@ labelled. `<image>` is expanded at the id level, after labelling, so offsets alw
 """
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable
 
 import torch
@@ -59,6 +60,21 @@ class Processor:
     @property
     def pad_token_id(self) -> int:
         return self.tokenizer.pad_token_id
+
+    @property
+    def image_size(self) -> int | None:
+        return getattr(self.image_transform, "image_size", None)
+
+    def at_image_size(self, image_size: int, tokens_per_image: int) -> "Processor":
+        """A copy that resizes images to `image_size` and writes `tokens_per_image` placeholders per tile
+        (progressive resolution: the model's tokens per image at that size). Shares the tokenizer."""
+        new = copy.copy(self)
+        if self.image_transform is not None:
+            new.image_transform = copy.copy(self.image_transform)
+            new.image_transform.image_size = int(image_size)
+        new.tokens_per_image = int(tokens_per_image)
+        new._placeholder_ids = {}
+        return new
 
     # ------------------------------------------------------------ rendering
 

@@ -1,0 +1,293 @@
+"""The training stream: a deterministic function of (seed, rank, worker, position), batched inside the workers.
+
+Each DataLoader worker reads one *logical stream*: its sources' shards (resampled with an RNG seeded by
+(seed, source, epoch, rank, logical worker), or in epoch mode shuffled by (seed, source, epoch) and split by node
+then by worker), each source through its own seeded shuffle buffer of raw bytes, the sources mixed by a seeded RNG.
+Only then are samples decoded, converted and tokenised, so a raw position in that stream names a sample exactly.
+
+The worker builds whole batches. Batch b of a rank comes from physical worker b % W as its (b // W)-th batch
+(torch's round robin), so the worker knows b, and with it the image size the resolution schedule gives b. Every
+batch carries `batch["stream"] = {"worker", "epoch", "position", "index", "image_size"}`: the logical stream it
+came from and the raw position just after its last sample.
+
+`StreamProgress` (main process) records the batches served to training; `StreamLoader.__iter__` hands the workers,
+through shared memory, where to start: epoch, first batch index, and per logical stream the raw position to
+fast-forward to (skipping raw samples, never decoding them). Resuming after k batches with k % W = r, physical
+worker w reads logical stream (w + r) % W, which continues the round robin exactly where it stopped.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import multiprocessing
+import random
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from vlm.data.pipeline import (
+    SampleFn, SkipCounter, Source, mix_samples, raw_samples, shard_assignment,
+)
+from vlm.data.resolution import ProcessorSizes, ResolutionSchedule
+
+log = logging.getLogger(__name__)
+
+_HEADER = ("epoch", "base", "rotation", "remaining", "image_size", "salt")
+
+
+class StreamState:
+    """Where the next iteration starts, in shared memory so that persistent workers see the main process's
+    values when torch restarts their iteration: epoch, base (index of the first batch), rotation (logical =
+    (physical + rotation) % W), remaining (batches left in a virtual epoch, -1 = unbounded), image_size (for
+    evaluation streams), salt (re-seeding after an inexact resume) and one raw start position per logical stream."""
+
+    def __init__(self, num_streams: int):
+        self.num_streams = max(1, int(num_streams))
+        self._array = multiprocessing.Array("q", len(_HEADER) + self.num_streams)
+        self.write(epoch=0, base=0, rotation=0, remaining=-1, image_size=0, salt=0, positions=None)
+
+    def write(self, positions: Sequence[int] | None = None, **values: int) -> None:
+        with self._array.get_lock():
+            for name, value in values.items():
+                self._array[_HEADER.index(name)] = int(value)
+            if positions is not None:
+                if len(positions) != self.num_streams:
+                    raise ValueError(f"{len(positions)} positions for {self.num_streams} streams")
+                for i, p in enumerate(positions):
+                    self._array[len(_HEADER) + i] = int(p)
+
+    def read(self) -> dict[str, Any]:
+        with self._array.get_lock():
+            values = list(self._array)
+        out: dict[str, Any] = dict(zip(_HEADER, values[: len(_HEADER)]))
+        out["positions"] = values[len(_HEADER):]
+        return out
+
+
+class StreamDataset(IterableDataset):
+    """Batches (collated dicts) from one or more sources; see the module docstring.
+
+    train=True: shuffled, resampled or epoch-wise, fast-forwardable, resolution per batch index.
+    train=False: one ordered pass over each source's shards in turn (split by node and worker), no shuffling,
+    at the image size the main process wrote into the state (the model's current one).
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[Source],
+        sample_fns: Sequence[SampleFn],
+        processors: ProcessorSizes,
+        collate: Callable[[list[dict[str, Any]]], dict[str, Any]],
+        counter: SkipCounter,
+        state: StreamState,
+        batch_size: int,
+        num_workers: int,
+        train: bool = True,
+        resampled: bool = True,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        shardshuffle: int | bool = True,
+        schedule: ResolutionSchedule | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        super().__init__()
+        self.sources = list(sources)
+        self.sample_fns = list(sample_fns)
+        self.processors = processors
+        self.collate = collate
+        self.counter = counter
+        self.state = state
+        self.batch_size = int(batch_size)
+        self.num_streams = max(1, int(num_workers))
+        self.train = train
+        self.resampled = bool(resampled) and train
+        self.seed = int(seed)
+        self.shuffle_buffer = int(shuffle_buffer or 0)
+        self.shardshuffle = bool(shardshuffle)
+        self.schedule = schedule
+        self.rank, self.world_size = int(rank), int(world_size)
+
+    # ------------------------------------------------------------ raw streams
+
+    def _tag(self, epoch: int, salt: int) -> str:
+        return f"{self.seed}/{epoch}/{salt}" if salt else f"{self.seed}/{epoch}"
+
+    def _source_urls(self, index: int, epoch: int, salt: int, stream: int, streams: int) -> Iterator[str]:
+        source = self.sources[index]
+        tag = f"{self._tag(epoch, salt)}/{source.name}"
+        if not self.train:
+            urls = source.val_urls or []
+            return iter(shard_assignment(urls, self.rank, self.world_size, stream, streams))
+        if self.resampled:
+            rng = random.Random(f"{tag}/shards/{self.rank}/{stream}")
+            urls = list(source.urls)
+            return (rng.choice(urls) for _ in itertools.count())
+        urls = list(source.urls)
+        if self.shardshuffle:
+            random.Random(f"{tag}/shards").shuffle(urls)  # the same order on every rank and worker
+        return iter(shard_assignment(urls, self.rank, self.world_size, stream, streams))
+
+    def raw_stream(self, epoch: int, stream: int, streams: int, salt: int = 0) -> Iterator[tuple[int, dict]]:
+        """(source index, raw sample) of one logical stream: deterministic in (seed, epoch, salt, rank, stream)."""
+        per_source = []
+        for i, source in enumerate(self.sources):
+            urls = self._source_urls(i, epoch, salt, stream, streams)
+            buffer = 0
+            if self.train:
+                buffer = self.shuffle_buffer if source.shuffle_buffer is None else int(source.shuffle_buffer)
+            rng = random.Random(f"{self._tag(epoch, salt)}/{source.name}/samples/{self.rank}/{stream}")
+            per_source.append(raw_samples(urls, self.counter, buffer, rng))
+        if not self.train:  # evaluation: each source in turn, in shard order
+            return ((i, s) for i, it in enumerate(per_source) for s in it)
+        rng = random.Random(f"{self._tag(epoch, salt)}/mix/{self.rank}/{stream}")
+        return mix_samples(per_source, [s.weight for s in self.sources], rng)
+
+    # ------------------------------------------------------------ batches
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        state = self.state.read()
+        epoch, base, salt = state["epoch"], state["base"], state["salt"]
+        positions = state["positions"] if workers == self.num_streams else [0] * workers
+        if workers != self.num_streams and any(state["positions"]):
+            log.warning("stream state was written for %d workers but %d run: starting at position 0",
+                        self.num_streams, workers)
+        stream = (worker + state["rotation"]) % workers
+        start = positions[stream] if self.train else 0
+        quota = None
+        if self.train and state["remaining"] >= 0:
+            quota = max(0, math.ceil((state["remaining"] - worker) / workers))
+        fixed_size = state["image_size"] or None
+
+        raw = enumerate(self.raw_stream(epoch, stream, workers, salt))
+        if start:
+            raw = itertools.islice(raw, start, None)  # fast-forward over raw bytes: nothing is decoded
+        handler = self.counter.handler("processing_error")
+        for j in itertools.count():
+            if quota is not None and j >= quota:
+                return
+            index = base + j * workers + worker
+            size = self.schedule.size_for_batch(index) if (self.train and self.schedule) else fixed_size
+            processor = self.processors.get(size)
+            samples, position = [], start
+            for position, (source, sample) in raw:
+                try:
+                    samples.append(self.sample_fns[source](sample, processor))
+                except Exception as exc:  # counted per reason, never fatal
+                    handler(exc)
+                    continue
+                if len(samples) == self.batch_size:
+                    break
+            if not samples:
+                return
+            batch = self.collate(samples)
+            batch["stream"] = {
+                "worker": stream,
+                "epoch": epoch,
+                "position": position + 1,
+                "index": index,
+                "image_size": size if size is not None else self.processors.base_size,
+            }
+            yield batch
+            start = position + 1
+            if len(samples) < self.batch_size:
+                return
+
+
+class StreamProgress:
+    """Main-process bookkeeping of the batches served to training; the DataModule's checkpoint state."""
+
+    VERSION = 1
+
+    def __init__(self, num_streams: int, batches_per_epoch: int | None = None):
+        self.num_streams = max(1, int(num_streams))
+        self.batches_per_epoch = int(batches_per_epoch) if batches_per_epoch else None
+        self.served = 0            # training batches served, over all epochs of the stage
+        self.epoch = -1            # current epoch of the stream (-1: not started)
+        self.epoch_start = 0       # `served` when the current epoch began
+        self.finished = True       # the current epoch's loader ran dry: the next iteration starts a new epoch
+        self.positions = [0] * self.num_streams
+        self.salt = 0
+        self.image_size: int | None = None  # size of the last served batch
+
+    def begin(self, state: StreamState) -> None:
+        """Called when a training iteration starts: a new epoch, or the rest of the current one (resume)."""
+        if self.finished:
+            self.epoch += 1
+            self.epoch_start = self.served
+            self.positions = [0] * self.num_streams
+            self.finished = False
+        done = self.served - self.epoch_start
+        remaining = -1
+        if self.batches_per_epoch:
+            remaining = max(0, self.batches_per_epoch - done)
+        state.write(epoch=self.epoch, base=self.served, rotation=done % self.num_streams, remaining=remaining,
+                    salt=self.salt, positions=self.positions)
+
+    def record(self, meta: dict[str, Any]) -> None:
+        """One training batch was served (its `batch["stream"]`)."""
+        worker = int(meta["worker"])
+        if 0 <= worker < self.num_streams:
+            self.positions[worker] = int(meta["position"])
+        self.served += 1
+        if meta.get("image_size") is not None:
+            self.image_size = int(meta["image_size"])
+        if self.batches_per_epoch and self.served - self.epoch_start >= self.batches_per_epoch:
+            self.finished = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.VERSION, "served": self.served, "epoch": self.epoch, "epoch_start": self.epoch_start,
+            "finished": self.finished, "positions": list(self.positions), "salt": self.salt,
+            "image_size": self.image_size,
+        }
+
+    def load(self, state: dict[str, Any], positions: Sequence[int] | None, exact: bool) -> None:
+        self.served = int(state["served"])
+        self.epoch = int(state["epoch"])
+        self.epoch_start = int(state["epoch_start"])
+        self.finished = bool(state["finished"])
+        self.image_size = state.get("image_size")
+        self.salt = int(state.get("salt", 0))
+        if exact and positions is not None and len(positions) == self.num_streams:
+            self.positions = [int(p) for p in positions]
+        else:  # a new stream for the rest of this epoch, seeded by the batch count: no replay of the same order
+            self.positions = [0] * self.num_streams
+            self.salt = self.served + 1
+
+
+class StreamLoader(DataLoader):
+    """A DataLoader over a `StreamDataset` (batches come whole from the workers: `batch_size=None`).
+
+    Each `iter()` first writes the start state for the workers (training: from `progress`; evaluation: the
+    current image size), then yields at most `limit` batches; running dry marks the training epoch finished.
+    """
+
+    def __init__(self, dataset: StreamDataset, progress: StreamProgress | None = None,
+                 image_size: Callable[[], int | None] | None = None, limit: int | None = None, **kwargs: Any):
+        super().__init__(dataset, batch_size=None, **kwargs)
+        self.progress = progress
+        self.image_size = image_size
+        self.limit = limit
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]
+        dataset: StreamDataset = self.dataset  # type: ignore[assignment]
+        if self.progress is not None:
+            self.progress.begin(dataset.state)
+        elif self.image_size is not None:
+            dataset.state.write(image_size=self.image_size() or 0)
+        return self._batches(super().__iter__())
+
+    def _batches(self, iterator: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        count = 0
+        for batch in iterator:
+            yield batch
+            count += 1
+            if self.limit is not None and count >= self.limit:
+                return
+        if self.progress is not None:
+            self.progress.finished = True
