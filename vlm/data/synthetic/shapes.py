@@ -215,11 +215,13 @@ def ensure_shapes(
     image_size: int = 64,
     seed: int = 0,
     samples_per_shard: int = 2000,
+    progress: bool = False,
 ) -> Path:
     """Generate the shapes dataset under `root` unless `root/info.json` records the same parameters.
 
     Everything is written into a temporary directory and moved in file by file, `info.json` last, so an
     interrupted run leaves no `info.json` that matches and the next call regenerates. Returns `root`.
+    `progress`: a progress bar per split (`python -m vlm.data.convert synthetic` turns it on).
     """
     root = Path(root)
     params = _params(
@@ -237,7 +239,12 @@ def ensure_shapes(
         texts: list[str] = []
         files: list[str] = []
         for split, count in counts.items():
-            for meta in write_split(tmp, split, count, seed, image_size, samples_per_shard):
+            samples = write_split(tmp, split, count, seed, image_size, samples_per_shard)
+            if progress:
+                from tqdm.auto import tqdm
+
+                samples = tqdm(samples, total=count, desc=f"shapes {split}", unit="sample", dynamic_ncols=True)
+            for meta in samples:
                 texts.append(meta["caption"])
                 texts.extend(f"{q['question']} {q['answer']}" for q in meta["qa"])
             names = shard_names(split, count, samples_per_shard)
