@@ -246,3 +246,25 @@ def test_lightning_checkpoint_resumes_the_stream_exactly(tmp_path, dirty, proces
     assert logged["data/skipped"] == logged["data/skipped/corrupt_image"] + logged["data/skipped/missing_caption"]
     state = torch.load(tmp_path / "ckpt" / "step=3.ckpt", weights_only=False)["DataModule"]
     assert state["served"] == 3 and len(state["positions_by_rank"][0]) == 2
+
+
+# ---------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize("data", ["shapes", "mixture_example"])
+def test_data_configs_instantiate(shapes, processor, data) -> None:
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        cfg = compose("train", overrides=[f"data={data}", "stage=sft", f"paths.data_dir={shapes.parent}",
+                                          "data.num_workers=0", "data.batch_size=8"])
+    node = OmegaConf.to_container(cfg.data, resolve=True)
+    node.pop("prepare")
+    dm = instantiate(node)(processor=processor)
+    assert [s.name for s in dm.sources] == (["train"] if data == "shapes" else ["captions", "qa"])
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape[0] == 8 and (batch["labels"] != -100).any()
+    assert len(next(iter(dm.val_dataloader()))["keys"]) == 8
