@@ -1,0 +1,133 @@
+"""Generation speed: our KV-cached loop against recomputing the prefix each step, and against Hugging Face's
+`generate(inputs_embeds=...)` on the same decoder fed the same embeddings.
+
+The model is a VisionLanguageModel with the tiny ViT (64 image tokens) and a random Llama large enough for the
+decoder to dominate (hidden 512, 8 layers, 32k vocabulary). Each prompt is 16 text tokens, an image, 16 text
+tokens; in a batch the rows are 0..7 tokens shorter and left-padded. Every method generates exactly 64 new tokens
+greedily (no end token); the three must produce identical tokens. Methods alternate for several rounds in one
+process and medians are compared, since shared machines are noisy.
+
+    python benchmarks/generation.py [--rounds 5] [--new-tokens 64] [--batch-sizes 1 8] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from vlm.evaluation.generation import generate
+from vlm.models.decoders import build_decoder
+from vlm.models.encoders.timm_vit import TimmEncoder
+from vlm.models.projectors import MLPProjector
+from vlm.models.vlm import VisionLanguageModel
+
+VOCAB = 32000
+IMAGE_TOKEN = VOCAB - 1
+PAD = 0
+
+
+def build_model(hidden: int, layers: int) -> VisionLanguageModel:
+    torch.manual_seed(0)
+    encoder = TimmEncoder(model_name="vit_tiny_patch16_224", pretrained=False, image_size=32, patch_size=4,
+                          embed_dim=96, depth=4, num_heads=3)
+    decoder = build_decoder(pretrained=False, config={
+        "model_type": "llama", "hidden_size": hidden, "intermediate_size": hidden * 8 // 3 // 64 * 64 + 64,
+        "num_hidden_layers": layers, "num_attention_heads": hidden // 64, "num_key_value_heads": hidden // 64,
+        "max_position_embeddings": 1024, "vocab_size": VOCAB})
+    projector = MLPProjector(in_dim=encoder.hidden_size, out_dim=hidden)
+    return VisionLanguageModel(encoder, projector, decoder, image_token_id=IMAGE_TOKEN).eval()
+
+
+def make_batch(model: VisionLanguageModel, batch: int) -> dict[str, torch.Tensor]:
+    """Left-padded prompts: text, an image's tokens, text; row i is i % 8 tokens shorter."""
+    generator = torch.Generator().manual_seed(batch)
+    rows = []
+    for i in range(batch):
+        before = torch.randint(1, VOCAB - 1, (16 - i % 8,), generator=generator)
+        after = torch.randint(1, VOCAB - 1, (16,), generator=generator)
+        rows.append(torch.cat([before, torch.full((model.tokens_per_image,), IMAGE_TOKEN), after]))
+    length = max(len(r) for r in rows)
+    ids = torch.full((batch, length), PAD)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, length - len(row) :], mask[i, length - len(row) :] = row, 1
+    pixels = torch.randn(batch, 3, 32, 32, generator=generator)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+
+
+def methods(model: VisionLanguageModel, batch: dict[str, torch.Tensor], new: int) -> dict[str, Callable[[], torch.Tensor]]:
+    args = (model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+    with torch.no_grad():
+        embeds = model.embed(batch["input_ids"], batch["pixel_values"])
+
+    def hf() -> torch.Tensor:
+        with torch.no_grad():
+            return model.decoder.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                                          max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                          eos_token_id=None, pad_token_id=PAD)
+
+    return {
+        "cache": lambda: generate(*args, max_new_tokens=new, use_cache=True),
+        "recompute": lambda: generate(*args, max_new_tokens=new, use_cache=False),
+        "hf_generate": hf,
+    }
+
+
+def measure(fn: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--recompute-rounds", type=int, default=1,
+                        help="rounds for the slow recompute baseline (it takes most of the run time)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = build_model(args.hidden, args.layers)
+    params = sum(p.numel() for p in model.decoder.parameters()) / 1e6
+    print(f"decoder: Llama hidden {args.hidden}, {args.layers} layers, vocab {VOCAB} ({params:.1f}M parameters); "
+          f"{model.tokens_per_image} image tokens; {args.new_tokens} new tokens; torch threads "
+          f"{torch.get_num_threads()}\n")
+    print(f"{'batch':>5}  {'method':<12} {'median s':>9} {'tokens/s':>9}")
+    summary = []
+    for batch_size in args.batch_sizes:
+        batch = make_batch(model, batch_size)
+        runs = methods(model, batch, args.new_tokens)
+        for fn in runs.values():  # warm-up (first-call costs) and the equality check
+            fn() if fn is not runs["recompute"] else None
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        outputs: dict[str, torch.Tensor] = {}
+        for r in range(args.rounds):
+            for name, fn in runs.items():
+                if name == "recompute" and r >= args.recompute_rounds:
+                    continue
+                seconds, outputs[name] = measure(fn)
+                times[name].append(seconds)
+        same = all(torch.equal(outputs["cache"], o) for o in outputs.values())
+        rate = {}
+        for name, values in times.items():
+            median = statistics.median(values)
+            rate[name] = batch_size * args.new_tokens / median
+            print(f"{batch_size:>5}  {name:<12} {median:>9.3f} {rate[name]:>9.1f}")
+        summary.append((batch_size, rate["cache"] / rate["recompute"], rate["cache"] / rate["hf_generate"], same))
+    print()
+    for batch_size, vs_recompute, vs_hf, same in summary:
+        print(f"batch {batch_size}: cache / recompute = {vs_recompute:.2f}x (target >= 3x at batch 1); "
+              f"cache / hf generate = {vs_hf:.2f}x (target >= 0.9x); identical tokens: {'yes' if same else 'NO'}")
+
+
+if __name__ == "__main__":
+    main()
