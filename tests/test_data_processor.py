@@ -192,3 +192,32 @@ def test_collate_padding_and_masks(tokenizer, side: str) -> None:
     assert (batch["input_ids"][0, pad] == tokenizer.pad_token_id).all()
     assert (batch["labels"][0, pad] == IGNORE_INDEX).all()
     assert torch.equal(batch["labels"][0, real], short["labels"])
+
+
+def test_fast_paths_agree_with_the_tokenizer_and_fall_back(tokenizer, monkeypatch) -> None:
+    """The direct jinja render and the Rust encode are checked against Hugging Face's calls on first use."""
+    import pickle
+
+    from vlm.data.processor import ChatRenderer
+
+    messages = two_turns().messages
+    renderer = ChatRenderer(tokenizer, checks=2)
+    for generation in (False, True, False):
+        assert renderer(messages, generation) == tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation)
+    assert renderer._direct and renderer._checks_left == 0
+    clone = pickle.loads(pickle.dumps(renderer))  # workers get a copy: it recompiles and checks again
+    assert clone(messages) == renderer(messages) and clone._checks_left == 1
+
+    proc = processor(tokenizer)
+    text = proc.render(messages)
+    ids, offsets = proc._encode(text)
+    assert (ids, offsets) == proc._encode_reference(text) and proc._backend is not None
+
+    # a wrapper that renders differently (a template variable the shortcut does not know): back to the wrapper
+    real = type(tokenizer).apply_chat_template
+    monkeypatch.setattr(type(tokenizer), "apply_chat_template",
+                        lambda self, *a, **k: "<sys>" + real(self, *a, **k))
+    other = ChatRenderer(tokenizer)
+    assert other(messages).startswith("<sys>") and not other._direct
+    assert other(messages).startswith("<sys>")

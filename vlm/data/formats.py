@@ -58,11 +58,11 @@ class Record:
 def decode_image(data: Any) -> Image.Image:
     """Bytes (or an already decoded image) -> fully loaded RGB PIL image; failure is `SkipSample("corrupt_image")`."""
     if isinstance(data, Image.Image):
-        return data.convert("RGB")
+        return data if data.mode == "RGB" else data.convert("RGB")
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            return image.convert("RGB")
+        image = Image.open(io.BytesIO(data))  # in memory: nothing to close once loaded
+        image.load()
+        return image if image.mode == "RGB" else image.convert("RGB")
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
         raise SkipSample("corrupt_image", f"{type(exc).__name__}: {exc}") from exc
 

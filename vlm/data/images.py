@@ -53,14 +53,17 @@ class ImageTransform:
         self.max_tiles = int(max_tiles)
         self.mean = torch.tensor(list(mean), dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(list(std), dtype=torch.float32).view(3, 1, 1)
+        # (x / 255 - mean) / std as one multiply-subtract on the uint8 pixels
+        self._scale = 1.0 / (255.0 * self.std)
+        self._shift = self.mean / self.std
 
     def _to_tensor(self, image: Image.Image) -> torch.Tensor:
-        array = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
-        tensor = torch.from_numpy(array).permute(2, 0, 1)
-        return (tensor - self.mean) / self.std
+        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # (3, H, W), writable copy
+        return pixels.float().mul_(self._scale).sub_(self._shift)
 
     def __call__(self, image: Image.Image) -> tuple[torch.Tensor, Grid]:
-        image = image.convert("RGB")
+        if image.mode != "RGB":
+            image = image.convert("RGB")
         size = self.image_size
         grid = (1, 1)
         if self.max_tiles > 1:
