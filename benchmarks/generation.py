@@ -60,7 +60,8 @@ def make_batch(model: VisionLanguageModel, batch: int) -> dict[str, torch.Tensor
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
 
 
-def methods(model: VisionLanguageModel, batch: dict[str, torch.Tensor], new: int) -> dict[str, Callable[[], torch.Tensor]]:
+def methods(model: VisionLanguageModel, batch: dict[str, torch.Tensor],
+            new: int) -> dict[str, Callable[[], torch.Tensor]]:
     args = (model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
     with torch.no_grad():
         embeds = model.embed(batch["input_ids"], batch["pixel_values"])

@@ -59,7 +59,8 @@ def _display(tokenizer: Any, token_id: int) -> str:
 
 
 @torch.no_grad()
-def nearest_tokens(model: nn.Module, tokenizer: Any, image: Image.Image, include_special: bool = False) -> NearestTokens:
+def nearest_tokens(model: nn.Module, tokenizer: Any, image: Image.Image,
+                   include_special: bool = False) -> NearestTokens:
     """The nearest vocabulary entry (cosine similarity to its input embedding) of each projected image token."""
     from vlm.data.images import ImageTransform
 

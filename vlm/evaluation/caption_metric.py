@@ -93,7 +93,8 @@ def cider_d(predictions: Sequence[str], references: Sequence[Sequence[str]], n: 
     return (sum(scores) / len(scores) if scores else 0.0), scores
 
 
-def caption_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> tuple[dict[str, float], list[float]]:
+def caption_scores(predictions: Sequence[str],
+                   references: Sequence[Sequence[str]]) -> tuple[dict[str, float], list[float]]:
     """COCO-tokenise, then BLEU-1..4 and CIDEr-D; returns (metrics without a task prefix, per-caption CIDEr-D)."""
     preds = [" ".join(coco_tokenize(p)) for p in predictions]
     refs = [[" ".join(coco_tokenize(r)) for r in rs] for rs in references]

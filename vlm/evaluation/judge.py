@@ -91,7 +91,8 @@ class JudgeTask(VQATask):
     name = "judge"
     pass_mark = 0.5
 
-    def __init__(self, judge: str | None = None, judge_prompt: str = LAVE_PROMPT, scores: Sequence[float] = (0.0, 0.5, 1.0),
+    def __init__(self, judge: str | None = None, judge_prompt: str = LAVE_PROMPT,
+                 scores: Sequence[float] = (0.0, 0.5, 1.0),
                  judge_max_new_tokens: int = 64, judge_batch_size: int = 8, use_chat_template: bool = True,
                  rating_pattern: str = RATING_PATTERN, judge_dtype: str | None = None, **vqa: Any) -> None:
         super().__init__(**vqa)
