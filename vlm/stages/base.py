@@ -2,16 +2,25 @@
 
 A stage names the parts it trains (`trainable: [projector, decoder]`); everything else is frozen, so the same
 model object serves every stage and the choice lives in config, not in code.
+
+Also shared, so that every stage scales out and survives interruption the same way:
+- `configure_model` applies FSDP2 when the trainer runs `trainer=fsdp` (`vlm.distributed`), and
+  `gather_for_export` turns the sharded model back into a plain one on rank 0 for `export`;
+- checkpoints hold the trainable weights only and record the base they need (`on_save_checkpoint`), and loading
+  checks that every trainable weight is there (`on_load_checkpoint`; `vlm.checkpointing`);
+- a non-finite loss stops the run naming the step and the batch keys, or skips the step (`nonfinite_loss`);
+- the effective global batch size is printed at the start.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 
@@ -52,8 +61,20 @@ def no_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim < 2 or "norm" in name.lower() or "logit_scale" in name or "logit_bias" in name
 
 
+class NonFiniteLossError(FloatingPointError):
+    """A training loss was NaN or infinite (the message names the step and the batch keys)."""
+
+
+NONFINITE_POLICIES = ("stop", "skip")
+
+
 class Stage(L.LightningModule):
-    """Base LightningModule: freezing by config, AdamW with warmup + schedule, parameter report."""
+    """Base LightningModule: freezing by config, AdamW with warmup + schedule, parameter report.
+
+    Attributes the runner may set after construction (so subclasses keep the constructor signature):
+    `base_weights` - what the weights were built from (`init_from`, model config, seed), recorded in checkpoints;
+    `nonfinite_loss` - `stop` (default) or `skip` the optimizer step when a loss is NaN/inf.
+    """
 
     def __init__(
         self,
@@ -67,10 +88,130 @@ class Stage(L.LightningModule):
         self.stage_name = name
         self.trainable = list(trainable)
         self.optim = dict(optim or {})
+        self.base_weights: dict[str, Any] = {}
+        self.nonfinite_loss = "stop"
+        self._skeleton: list[nn.Module] = []  # a list, so the meta copy is not registered as a sub-module
+        self._batch_keys: list[str] = []
+        self._nonfinite: list[tuple[torch.Tensor, list[str]]] = []
+        self.skipped_steps = 0
         set_trainable(self.model, self.trainable)
 
     def on_fit_start(self) -> None:
         rank_zero_info(f"[{self.stage_name}] trains {self.trainable}\n{format_parameter_counts(parameter_counts(self.model))}")
+        rank_zero_info(f"[{self.stage_name}] {effective_batch_report(self.trainer)}")
+
+    # ---- scale-out ------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Under `ModelParallelStrategy` (`trainer=fsdp`): FSDP2 per block plus root, as the strategy configures."""
+        from vlm.distributed import fsdp_options, is_sharded, meta_skeleton, shard_model, uses_fsdp2
+
+        if self._trainer is None or not uses_fsdp2(self.trainer.strategy) or is_sharded(self.model):
+            return
+        self._skeleton = [meta_skeleton(self.model)]
+        shard_model(self.model, self.device_mesh["data_parallel"], **fsdp_options(self.trainer.strategy))
+
+    def gather_for_export(self) -> None:
+        """Collective under FSDP2 (call on every rank): full fp32 weights are gathered to rank 0, whose `model`
+        becomes a plain module that `export` can write; other ranks keep their shards. A no-op otherwise."""
+        from vlm.distributed import consolidated_state_dict, is_sharded, materialize
+
+        if not is_sharded(self.model):
+            return
+        full = consolidated_state_dict(self.model)
+        if self.trainer.is_global_zero:
+            if not self._skeleton:
+                raise RuntimeError("no meta skeleton was taken before sharding; cannot consolidate")
+            self.model = materialize(self._skeleton.pop(), full)
+
+    # ---- checkpoints ----------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep only trainable weights; record the stage, its parts and keys, and the base weights it needs."""
+        from vlm.checkpointing import trainable_keys
+
+        keep = set(trainable_keys(self))
+        state = checkpoint.get("state_dict")
+        if state is not None:
+            for key in [k for k in state if k not in keep]:
+                del state[key]
+        checkpoint["vlm"] = {
+            "stage": self.stage_name,
+            "class": f"{type(self).__module__}.{type(self).__qualname__}",
+            "trainable": list(self.trainable),
+            "keys": sorted(keep),
+            "base": dict(self.base_weights),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Check that the checkpoint has every trainable weight and fill in the frozen ones from this model, so the
+        strict load that follows succeeds. (Sharded checkpoints are checked by `FSDP2Strategy.load_checkpoint`.)"""
+        from vlm.checkpointing import check_trainable_keys, describe_base
+
+        info = checkpoint.get("vlm")
+        if info is None:
+            return
+        base = info.get("base") or {}
+        if self.base_weights and base and base.get("init_from") != self.base_weights.get("init_from"):
+            rank_zero_warn(f"[{self.stage_name}] the checkpoint was trained on {describe_base(info)}; this run's "
+                           f"base is init_from={self.base_weights.get('init_from')!r}")
+        state = checkpoint.get("state_dict")
+        if state is None:
+            return
+        check_trainable_keys(self, state.keys(), "being loaded", info)
+        for key, value in self.state_dict().items():
+            state.setdefault(key, value)
+
+    # ---- guards ---------------------------------------------------------------------------------------------
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        keys = batch.get("keys") if isinstance(batch, Mapping) else None
+        self._batch_keys = [str(k) for k in keys] if keys is not None else []
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        # no host sync here: the flags are read once per optimizer step
+        self._nonfinite.append((loss.detach(), list(self._batch_keys)))
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """Run forward/backward first, agree across ranks whether any loss of this step was NaN/inf, then stop,
+        skip (no optimizer update) or step."""
+        if optimizer_closure is None:
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        cache: dict[str, Any] = {}
+
+        def closure():
+            if "loss" not in cache:
+                cache["loss"] = optimizer_closure()
+            return cache["loss"]
+
+        closure()
+        seen, self._nonfinite = self._nonfinite, []
+        if seen:
+            flag = torch.stack([~torch.isfinite(v.float()).all() for v, _ in seen]).any().float().reshape(1)
+        else:
+            flag = torch.zeros(1, device=self.device)
+        if self.trainer.world_size > 1:
+            flag = self.trainer.strategy.reduce(flag, reduce_op="max")
+        if flag.item() > 0:
+            bad = [(float(v.float()), keys) for v, keys in seen if not math.isfinite(float(v.float()))]
+            self._handle_nonfinite(bad, batch_idx, optimizer)
+            return
+        optimizer.step(closure=closure)
+
+    def _handle_nonfinite(self, bad: list[tuple[float, list[str]]], batch_idx: int, optimizer: Any) -> None:
+        from vlm.callbacks import _gather_objects
+
+        reports = [r for rank_reports in _gather_objects(bad) for r in rank_reports]
+        keys = [k for _, ks in reports for k in ks]
+        values = sorted({str(v) for v, _ in reports})
+        where = f"step {self.global_step} (batch {batch_idx})"
+        shown = ", ".join(keys[:20]) + (f" ... ({len(keys)} keys)" if len(keys) > 20 else "")
+        if self.nonfinite_loss == "skip":
+            optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            rank_zero_warn(f"[{self.stage_name}] non-finite loss {values} at {where}: step skipped "
+                           f"({self.skipped_steps} so far); batch keys: {shown or '(none)'}")
+            return
+        raise NonFiniteLossError(f"[{self.stage_name}] non-finite loss {values} at {where}; batch keys: "
+                                 f"{shown or '(the batch carries no keys)'}. Set guards.nonfinite_loss=skip to skip "
+                                 "such steps instead.")
 
     def configure_optimizers(self):
         from transformers import get_scheduler
@@ -100,3 +241,21 @@ class Stage(L.LightningModule):
             opt.get("scheduler", "cosine"), optimizer, num_warmup_steps=warmup, num_training_steps=total
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def effective_batch_report(trainer: Any) -> str:
+    """`effective global batch size: B per device x A accumulation x R data-parallel ranks = G`."""
+    per_device = None
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is not None:
+        per_device = getattr(datamodule, "batch_size", None)
+    accumulation = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
+    try:
+        ranks = int(trainer.strategy.distributed_sampler_kwargs["num_replicas"])
+    except Exception:  # noqa: BLE001 - single device strategies have no sampler kwargs
+        ranks = int(getattr(trainer, "world_size", 1) or 1)
+    if per_device is None:
+        return f"effective global batch size: (per-device batch unknown) x {accumulation} accumulation x {ranks} ranks"
+    total = int(per_device) * accumulation * ranks
+    return (f"effective global batch size: {per_device} per device x {accumulation} accumulation x {ranks} "
+            f"data-parallel ranks = {total}")
