@@ -28,17 +28,29 @@ def _instantiate_all(group: DictConfig | None) -> list[Any]:
 
 
 def run_stage(cfg: DictConfig) -> Path:
-    """Train one stage and write its model directory; returns that directory."""
+    """Train one stage and write its model directory; returns that directory.
+
+    `resume`: null (fresh), `auto` (the newest complete checkpoint in `run_dir/checkpoints`, fresh if none) or a
+    checkpoint path. Under FSDP2 the sharded weights are gathered and rank 0 writes the consolidated directory.
+    A run stopped by the preemption signal raises `vlm.callbacks.Preempted` after saving (no model directory).
+    """
     import lightning as L
     from hydra.utils import instantiate
+    from lightning.pytorch.utilities import rank_zero_only
 
+    from vlm.callbacks import PreemptionCheckpoint, Preempted, has_own_state, replay_train_loader, stash_csv_logs
+    from vlm.checkpointing import find_resume_checkpoint
+    from vlm.distributed import cluster_plugins
     from vlm.loading import build_processor, load_model
 
     if not cfg.get("stage"):
         raise ValueError("no stage chosen: pass stage=lm|align|sft|clip")
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    rank0 = rank_zero_only.rank == 0  # from the launcher's environment (RANK, LOCAL_RANK, SLURM_PROCID)
+    if rank0:
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    ckpt_path = find_resume_checkpoint(cfg.get("resume"), run_dir / "checkpoints")
     L.seed_everything(cfg.seed, workers=True)
 
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
@@ -49,15 +61,34 @@ def run_stage(cfg: DictConfig) -> Path:
     processor = build_processor(model, tokenizer)
     datamodule = instantiate(data_cfg)(processor=processor)
     stage = instantiate(cfg.stage, model=model, optim=_plain(cfg.optim), _convert_="all")
-    trainer = instantiate(cfg.trainer, logger=_instantiate_all(cfg.get("logger")) or False,
-                          callbacks=_instantiate_all(cfg.get("callbacks")))
-    trainer.fit(stage, datamodule=datamodule)
+    stage.base_weights = {"init_from": cfg.get("init_from"), "seed": cfg.seed, "model": _plain(cfg.model)}
+    stage.nonfinite_loss = (cfg.get("guards") or {}).get("nonfinite_loss", "stop")
 
+    loggers = _instantiate_all(cfg.get("logger"))
+    if ckpt_path is not None and rank0:
+        stash_csv_logs(loggers)  # Lightning's CSV logger would delete the log of the steps before the resume
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    plugins = [instantiate(p) for p in trainer_cfg.pop("plugins", None) or []] + cluster_plugins()
+    holder: dict[str, Any] = {}
+    if not has_own_state(datamodule):  # the data layer cannot fast-forward itself: replay the consumed batches
+        replay_train_loader(datamodule, lambda: holder.get("trainer"))
+    trainer = instantiate(trainer_cfg, logger=loggers or False, callbacks=_instantiate_all(cfg.get("callbacks")),
+                          plugins=plugins or None)
+    holder["trainer"] = trainer
+    if ckpt_path is not None:
+        log.info("[%s] resuming from %s", stage.stage_name, ckpt_path)
+    trainer.fit(stage, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
+
+    if any(isinstance(cb, PreemptionCheckpoint) and cb.preempted for cb in trainer.callbacks):
+        raise Preempted(f"[{stage.stage_name}] stopped on the preemption signal at step {trainer.global_step} "
+                        f"after saving a checkpoint; resume with resume=auto run_dir={run_dir}")
     model_dir = run_dir / "model"
+    stage.gather_for_export()  # a collective under FSDP2; nothing otherwise
     if trainer.is_global_zero:
         stage.export(model_dir, tokenizer)
         skipped = datamodule.skipped() if hasattr(datamodule, "skipped") else {}
         log.info("[%s] model directory: %s; skipped samples: %s", stage.stage_name, model_dir, skipped or "none")
+    trainer.strategy.barrier("export")
     return model_dir
 
 
