@@ -67,6 +67,21 @@ def test_from_config_resizes_vocabulary_and_finds_the_image_token() -> None:
     assert model.config["max_length"] == 64
 
 
+def test_random_decoder_gives_every_token_its_own_embedding() -> None:
+    """Built from a config, the vocabulary is sized to the tokenizer at once: no rows share a resized-in mean."""
+    tokenizer = make_tokenizer()
+    cfg = tiny_config()
+    cfg["decoder"]["config"]["vocab_size"] = 8  # a placeholder far below len(tokenizer)
+    torch.manual_seed(0)
+    model = VisionLanguageModel.from_config(cfg, tokenizer)
+    emb = model.decoder.get_input_embeddings().weight.detach()
+    assert emb.shape[0] == len(tokenizer)
+    sim = torch.nn.functional.cosine_similarity(emb[:, None], emb[None], dim=-1)
+    off_diagonal = sim[~torch.eye(len(emb), dtype=torch.bool)]
+    assert off_diagonal.abs().max() < 0.9, "some rows start (nearly) identical"
+    assert emb[8:].std() > 0.5 * emb[:8].std(), "rows beyond the placeholder vocabulary start near zero"
+
+
 def test_two_images_land_at_their_placeholders_in_order() -> None:
     model, tokenizer = tiny_model()
     ids = ids_with_images(model, tokenizer, ["what", 1, "is", "a", 1, "?"])

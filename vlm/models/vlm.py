@@ -59,7 +59,12 @@ class VisionLanguageModel(nn.Module):
         """
         cfg = _plain(cfg)
         encoder = _instantiate(cfg["encoder"])
-        decoder = _instantiate(cfg["decoder"])
+        decoder_spec = dict(cfg["decoder"])
+        if tokenizer is not None and decoder_spec.get("config") and not decoder_spec.get("pretrained"):
+            # Random weights: size the vocabulary right away. Resizing afterwards would give every added row
+            # the same mean embedding, and words that only the tokenizer knows would start indistinguishable.
+            decoder_spec["config"] = {**decoder_spec["config"], "vocab_size": len(tokenizer)}
+        decoder = _instantiate(decoder_spec)
         image_token_id = -1
         if tokenizer is not None:
             resize_vocabulary(decoder, len(tokenizer))
