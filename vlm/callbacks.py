@@ -148,16 +148,19 @@ class ResumeState(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded = state_dict
-        states = state_dict.get("rng") or []
-        if states:
-            rank = _rank()
-            set_rng_state(states[rank] if rank < len(states) else states[0])
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._trainer = trainer
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # RNG last: after the train iterator exists (creating it draws a seed from torch's RNG, and the interrupted
+        # run had drawn it before its checkpoint) and after the first batch is prefetched, as it was at save time
+        states = (self._loaded or {}).get("rng") or []
+        if states:
+            rank = _rank()
+            set_rng_state(states[rank] if rank < len(states) else states[0])
         if not trainer.is_global_zero:
+            self._loaded = None
             return
         from lightning.pytorch.loggers import CSVLogger
 

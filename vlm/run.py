@@ -72,8 +72,12 @@ def run_stage(cfg: DictConfig) -> Path:
     holder: dict[str, Any] = {}
     if not has_own_state(datamodule):  # the data layer cannot fast-forward itself: replay the consumed batches
         replay_train_loader(datamodule, lambda: holder.get("trainer"))
-    trainer = instantiate(trainer_cfg, logger=loggers or False, callbacks=_instantiate_all(cfg.get("callbacks")),
-                          plugins=plugins or None)
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    if not loggers:  # logger=none: a learning-rate monitor would refuse to start
+        from lightning.pytorch.callbacks import LearningRateMonitor
+
+        callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
+    trainer = instantiate(trainer_cfg, logger=loggers or False, callbacks=callbacks, plugins=plugins or None)
     holder["trainer"] = trainer
     if ckpt_path is not None:
         log.info("[%s] resuming from %s", stage.stage_name, ckpt_path)

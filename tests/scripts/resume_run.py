@@ -77,20 +77,24 @@ def install_interruptions() -> None:
         Stage.on_train_batch_start = on_train_batch_start
 
 
-def main() -> None:
+def compose_config(data_dir: str | Path, overrides: list[str]):
+    """The run's config: the shapes data at the tests' sizes, in-process loading, a log row every step."""
     from hydra import compose, initialize_config_dir
 
-    from vlm.run import run_stage
-
-    data_dir, overrides = sys.argv[1], sys.argv[2:]
-    install_interruptions()
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("train", overrides=[
+        return compose("train", overrides=[
             f"paths.data_dir={data_dir}", "data.prepare.num_train=200", "data.prepare.num_val=20",
             "data.prepare.num_test=20", "data.prepare.samples_per_shard=100", "data.num_workers=0",
             "data.batch_size=4", "trainer.log_every_n_steps=1", "trainer.val_check_interval=1000",
             "trainer.limit_val_batches=1", *overrides])
-    run_stage(cfg)
+
+
+def main() -> None:
+    from vlm.run import run_stage
+
+    data_dir, overrides = sys.argv[1], sys.argv[2:]
+    install_interruptions()
+    run_stage(compose_config(data_dir, overrides))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,104 @@
+"""Guards (issue 5): a NaN/inf loss stops the run naming the step and the batch keys, or skips that update by
+config; clipping and accumulation are trainer config; the effective global batch size is reported at start."""
+from __future__ import annotations
+
+import copy
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+
+from vlm.stages.base import NonFiniteLossError, effective_batch_report
+from vlm.stages.generative import GenerativeStage
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+@pytest.fixture(scope="module")
+def model_factory(tmp_path_factory):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from vlm.data.synthetic.shapes import ensure_shapes
+    from vlm.loading import load_model
+
+    shapes = ensure_shapes(tmp_path_factory.mktemp("data") / "shapes", num_train=200, num_val=20, num_test=20,
+                           samples_per_shard=100)
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("train", overrides=[f"paths.data_dir={shapes.parent}"])
+    torch.manual_seed(0)
+    model = load_model(OmegaConf.to_container(cfg.model, resolve=True))[0]
+
+    def build():
+        return copy.deepcopy(model)
+    return build
+
+
+def batches(model, poisoned: int | None, n: int = 4) -> list[dict]:
+    gen = torch.Generator().manual_seed(0)
+    size = model.encoder.image_size
+    out = []
+    for b in range(n):
+        ids = torch.randint(20, 200, (2, 6), generator=gen)
+        ids = torch.cat([torch.full((2, model.tokens_per_image), model.image_token_id), ids], 1)
+        labels = ids.clone()
+        labels[:, : model.tokens_per_image] = -100
+        pixels = torch.randn(2, 3, size, size, generator=gen)
+        if b == poisoned:
+            pixels[0, 0, 0, 0] = float("inf")
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
+                    "pixel_values": pixels, "keys": [f"shard-3/sample-{b}{i}" for i in range(2)]})
+    return out
+
+
+def fit(stage, data, steps: int, **trainer_kwargs) -> L.Trainer:
+    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, **trainer_kwargs)
+    trainer.fit(stage, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
+    return trainer
+
+
+def test_nonfinite_loss_stops_naming_step_and_keys(model_factory) -> None:
+    model = model_factory()
+    stage = GenerativeStage(model, trainable=["projector"], optim={"lr": 1e-2, "warmup_steps": 0})
+    with pytest.raises(NonFiniteLossError, match=r"at step 2 \(batch 2\); batch keys: shard-3/sample-20, "
+                                                 r"shard-3/sample-21"):
+        fit(stage, batches(model, poisoned=2), 4, gradient_clip_val=1.0)
+
+
+def test_nonfinite_loss_skips_the_update_when_configured(model_factory) -> None:
+    model = model_factory()
+    stage = GenerativeStage(model, trainable=["projector"], optim={"lr": 1e-2, "warmup_steps": 0})
+    stage.nonfinite_loss = "skip"
+    before = {k: v.clone() for k, v in model.projector.state_dict().items()}
+    trainer = fit(stage, batches(model, poisoned=1, n=5), 3, gradient_clip_val=1.0)
+    assert stage.skipped_steps == 1 and trainer.global_step == 3  # 4 batches: one dropped, three updates
+    after = model.projector.state_dict()
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in after)
+
+
+def test_nonfinite_loss_in_an_accumulated_micro_batch_skips_the_whole_step(model_factory) -> None:
+    model = model_factory()
+    stage = GenerativeStage(model, trainable=["projector"], optim={"lr": 1e-2, "warmup_steps": 0})
+    stage.nonfinite_loss = "skip"
+    trainer = fit(stage, batches(model, poisoned=0, n=6), 2, accumulate_grad_batches=2)
+    assert stage.skipped_steps == 1 and trainer.global_step == 2
+    assert all(torch.isfinite(p).all() for p in model.projector.parameters())
+
+
+def test_effective_batch_size_report_and_trainer_config() -> None:
+    from hydra import compose, initialize_config_dir
+
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(batch_size=16), accumulate_grad_batches=4,
+                              strategy=SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 64}))
+    assert effective_batch_report(trainer) == ("effective global batch size: 16 per device x 4 accumulation x 64 "
+                                               "data-parallel ranks = 4096")
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("train", overrides=["trainer=fsdp", "trainer.gradient_clip_val=0.5",
+                                          "trainer.accumulate_grad_batches=8", "guards.nonfinite_loss=skip"])
+    assert cfg.trainer.gradient_clip_val == 0.5 and cfg.trainer.accumulate_grad_batches == 8
+    assert cfg.guards.nonfinite_loss == "skip"
