@@ -325,8 +325,12 @@ class PreemptionCheckpoint(L.Callback):
         job = os.environ.get("SLURM_ARRAY_JOB_ID")
         job = f"{job}_{os.environ.get('SLURM_ARRAY_TASK_ID')}" if job else os.environ.get("SLURM_JOB_ID")
         if self.requeue and job and trainer.is_global_zero:
-            result = subprocess.call(["scontrol", "requeue", job])
-            log.warning("scontrol requeue %s -> exit status %s", job, result)
+            try:
+                result = subprocess.call(["scontrol", "requeue", job])
+            except OSError as error:  # e.g. inside a container without SLURM's tools: requeue from the sbatch script
+                log.error("could not run scontrol requeue %s (%s); the job is not requeued", job, error)
+            else:
+                log.warning("scontrol requeue %s -> exit status %s", job, result)
 
     def _restore_handlers(self) -> None:
         import threading
