@@ -174,5 +174,10 @@ def test_fsdp_preset_align_and_sft_sharded_checkpoints_and_consolidation(shapes:
     sharded = torch.load(tmp_path / "sft" / "logits.pt", weights_only=True)
     model, _ = VisionLanguageModel.from_pretrained(tmp_path / "sft" / "model")
     torch.testing.assert_close(logits_of(model, sharded["batch"]), sharded["logits"], rtol=0, atol=1e-6)
-    weights, _ = load_trainable_weights(tmp_path / "sft" / "checkpoints" / "step=00000002.ckpt")
+    single_file = tmp_path / "sft" / "checkpoints" / "step=00000002.ckpt"
+    assert single_file.is_file()  # save_distributed_checkpoint=false: full trainable weights gathered to rank 0
+    weights, _ = load_trainable_weights(single_file)
     assert {k.split(".")[1] for k in weights} == {"projector", "decoder"}
+    reloaded = load_file(tmp_path / "sft_reloaded" / "model" / "model.safetensors")  # loaded into FSDP2 shards
+    for key, value in sft.items():
+        torch.testing.assert_close(reloaded[key], value, rtol=0, atol=0)

@@ -262,8 +262,18 @@ class FSDP2Strategy(_strategy_base()):
         from lightning.fabric.strategies.model_parallel import _is_sharded_checkpoint
 
         path = Path(self.broadcast(str(checkpoint_path)))
-        if not _is_sharded_checkpoint(path):
-            return super().load_checkpoint(path, weights_only=True)
+        if not _is_sharded_checkpoint(path):  # one file with the full trainable weights (save_distributed: false)
+            from vlm.checkpointing import check_trainable_keys
+
+            header = torch.load(path, mmap=True, map_location="cpu", weights_only=True)
+            check_trainable_keys(self.lightning_module, header["state_dict"].keys(), path, header.get("vlm"))
+            del header
+            module, strict = self.lightning_module, self.lightning_module.strict_loading
+            module.strict_loading = False  # frozen weights are not in the file: keep the model's
+            try:
+                return super().load_checkpoint(path, weights_only=True)
+            finally:
+                module.strict_loading = strict
         from lightning.fabric.utilities.load import _METADATA_FILENAME
         from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint import load as dcp_load

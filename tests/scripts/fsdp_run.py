@@ -2,11 +2,12 @@
 
     python tests/scripts/fsdp_run.py DATA_DIR BASE_MODEL_DIR OUT_DIR
 
-Lightning's ModelParallelStrategy starts the second rank by running this script again. Three stages run through
+Lightning's ModelParallelStrategy starts the second rank by running this script again. Four runs go through
 `vlm.run.run_stage` with `trainer=fsdp`: `align` from BASE (frozen encoder and decoder; sharded checkpoints at
-steps 2 and 3), `align` again resumed from the step-2 checkpoint, and `sft` from align's model directory (frozen
-encoder, activation checkpointing on). At the end of each fit the still-sharded model computes logits on a fixed
-batch; rank 0 saves them to OUT/<run>/logits.pt next to the consolidated model directory.
+steps 2 and 3); `align` again, resumed from the step-2 checkpoint; `sft` from align's model directory (frozen
+encoder, activation checkpointing on, its checkpoint gathered into one file); and `sft` once more, resumed from
+that file at its last step (it loads and exports at once). At the end of each fit the still-sharded model computes
+logits on a fixed batch; rank 0 saves them to OUT/<run>/logits.pt next to the consolidated model directory.
 """
 from __future__ import annotations
 
@@ -69,7 +70,9 @@ def main() -> None:
         "align_resumed": ["stage=align", f"init_from={base}", "trainer.max_steps=3",
                           f"resume='{out / 'align' / 'checkpoints' / 'step=00000002.ckpt'}'"],
         "sft": ["stage=sft", f"init_from={out / 'align' / 'model'}", "trainer.max_steps=2",
-                "trainer.strategy.activation_checkpointing=true"],
+                "trainer.strategy.activation_checkpointing=true", "trainer.strategy.save_distributed_checkpoint=false"],
+        "sft_reloaded": ["stage=sft", f"init_from={out / 'align' / 'model'}", "trainer.max_steps=2",
+                         f"resume='{out / 'sft' / 'checkpoints' / 'step=00000002.ckpt'}'"],
     }
     for name, overrides in runs.items():
         with initialize_config_dir(config_dir=CONF, version_base="1.3"):

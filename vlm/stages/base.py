@@ -128,7 +128,7 @@ class Stage(L.LightningModule):
         """Keep only trainable weights; record the stage, its parts and keys, and the base weights it needs."""
         from vlm.checkpointing import trainable_keys
 
-        keep = set(trainable_keys(self))
+        keep = set(trainable_keys(self)) | self._trainable_buffer_keys()
         state = checkpoint.get("state_dict")
         if state is not None:
             for key in [k for k in state if k not in keep]:
@@ -140,6 +140,19 @@ class Stage(L.LightningModule):
             "keys": sorted(keep),
             "base": dict(self.base_weights),
         }
+
+    def _trainable_buffer_keys(self) -> set[str]:
+        """Persistent buffers inside the trainable parts (e.g. normalisation statistics): they change in training."""
+        from vlm.distributed import clean_key
+
+        keys = set()
+        for part in self.trainable:
+            module = self.model.get_submodule(part)
+            for owner_name, owner in module.named_modules():
+                for name, buf in owner._buffers.items():
+                    if buf is not None and name not in owner._non_persistent_buffers_set:
+                        keys.add(clean_key(".".join(p for p in ("model", part, owner_name, name) if p)))
+        return keys
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Check that the checkpoint has every trainable weight and fill in the frozen ones from this model, so the
