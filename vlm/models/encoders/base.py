@@ -49,6 +49,30 @@ class VisionEncoder(nn.Module, ABC):
     @abstractmethod
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor: ...
 
+    def forward_features(
+        self, pixel_values: torch.Tensor, mask_ratio: float = 0.0, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Last-layer tokens with the prefix tokens first: (N, num_prefix_tokens + K, hidden_size), for pooling.
+
+        FLIP masking (`vlm.models.masking`): in training mode each image keeps round((1 - mask_ratio) * rows*cols)
+        random patch tokens (or the patch indices `keep` (N, K)) and the blocks run on those only. In eval mode
+        `mask_ratio` is ignored (K = rows*cols); explicit `keep` indices apply in either mode.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no forward_features (needed for contrastive training)")
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """forward_features' tokens -> one (N, hidden_size) vector per image, as the backbone pools them."""
+        raise NotImplementedError(f"{type(self).__name__} has no pool (needed for contrastive training)")
+
+    def forward_pooled(self, pixel_values: torch.Tensor, mask_ratio: float = 0.0) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, hidden_size): pooled last-layer features, FLIP-masked in training."""
+        return self.pool(self.forward_features(pixel_values, mask_ratio))
+
+    def _mask(self, tokens: torch.Tensor, mask_ratio: float, keep: torch.Tensor | None) -> torch.Tensor:
+        from vlm.models.masking import mask_tokens
+
+        return mask_tokens(tokens, self.num_prefix_tokens, mask_ratio if self.training else 0.0, keep)
+
     @abstractmethod
     def set_image_size(self, size: int) -> None:
         """Change the input resolution; position embeddings are interpolated."""

@@ -105,6 +105,27 @@ class HFVisionEncoder(VisionEncoder):
             features = out.hidden_states[layer]
         return features[:, self.num_prefix_tokens :] if self.drop_cls else features
 
+    def forward_features(
+        self, pixel_values: torch.Tensor, mask_ratio: float = 0.0, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        # The towers' own forward, unrolled (they have no patch-dropout option): embeddings -> FLIP token selection
+        # -> (CLIP: pre-layernorm) -> encoder layers -> (SigLIP: post-layernorm); CLIP's post-layernorm is in `pool`.
+        m = self.model
+        h = m.embeddings(pixel_values.to(m.dtype), interpolate_pos_encoding=self.image_size != m.config.image_size)
+        h = self._mask(h, mask_ratio, keep)
+        if self.family == "clip":
+            h = m.pre_layrnorm(h)
+        h = m.encoder(inputs_embeds=h).last_hidden_state
+        return m.post_layernorm(h) if self.family == "siglip" else h
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        if self.family == "clip":  # CLIPVisionModel's pooler_output: the CLS token, post-layernorm
+            return m.post_layernorm(tokens[:, 0])
+        if getattr(m, "use_head", True) and getattr(m, "head", None) is not None:  # SigLIP: attention-pooling head
+            return m.head(tokens)
+        return tokens.mean(dim=1)
+
     def set_image_size(self, size: int) -> None:
         # The position table keeps its trained size; it is interpolated on the fly for other resolutions.
         self._check_image_size(size)

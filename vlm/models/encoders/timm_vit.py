@@ -59,6 +59,23 @@ class TimmEncoder(VisionEncoder):
             out = torch.cat([out[1], out[0]], dim=1)
         return out
 
+    def forward_features(
+        self, pixel_values: torch.Tensor, mask_ratio: float = 0.0, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        # timm's VisionTransformer.forward_features, with FLIP masking where timm puts its patch dropout
+        m = self.model
+        for part in ("patch_embed", "_pos_embed", "norm_pre", "blocks", "norm"):
+            if not hasattr(m, part):
+                raise NotImplementedError(f"{type(m).__name__} is not a plain timm ViT (no {part}): no masked forward")
+        x = m.patch_embed(pixel_values.to(next(self.parameters()).dtype))
+        x = m.patch_drop(m._pos_embed(x))
+        x = self._mask(x, mask_ratio, keep)
+        x = m.blocks(m.norm_pre(x))
+        return m.norm(x)
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(tokens, pre_logits=True)  # global_pool ('token' = CLS) + fc_norm
+
     def set_image_size(self, size: int) -> None:
         self._check_image_size(size)
         self.model.set_input_size(img_size=(size, size))
