@@ -17,6 +17,10 @@ def build_processor(model: nn.Module, tokenizer: Any, max_tiles: int | None = No
     """The processor that turns records into this model's token and pixel tensors."""
     from vlm.data.images import ImageTransform
     from vlm.data.processor import Processor
+    from vlm.models.clip import ClipModel
+
+    if isinstance(model, ClipModel):  # a dual encoder: one image and its caption per sample
+        return model.processor(tokenizer)
 
     cfg = getattr(model, "config", {}) or {}
     encoder = model.encoder
@@ -32,10 +36,14 @@ def build_processor(model: nn.Module, tokenizer: Any, max_tiles: int | None = No
 def load_model(model_cfg: Mapping[str, Any], init_from: str | Path | None = None):
     """Build a model from its config, or load the model directory `init_from` and apply the config's resolution.
 
-    Returns (model, tokenizer).
+    Returns (model, tokenizer). A config with a `text_encoder` is a dual encoder (the `clip` stage's model).
     """
     from vlm.data.tokens import load_tokenizer
+    from vlm.models.clip import is_clip_config, load_clip_model
     from vlm.models.vlm import VisionLanguageModel
+
+    if is_clip_config(model_cfg):
+        return load_clip_model(model_cfg, init_from)
 
     if init_from:
         model, tokenizer = VisionLanguageModel.from_pretrained(init_from)

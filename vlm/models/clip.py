@@ -1,0 +1,345 @@
+"""The dual encoder of the `clip` stage: vision tower + text tower, linear projections to a shared embedding size,
+L2-normalised embeddings, a learned temperature (and bias, for SigLIP's sigmoid loss).
+
+The vision tower is any `VisionEncoder` of the `model/encoder` group, so a CLIP run's model directory can be named
+as the encoder of a VLM stage: `model.encoder.init_from=<clip run>/model` loads its `encoder.*` weights (position
+tables are resampled when the resolution differs). The text tower is a `vlm.models.text_encoders.TextEncoder`.
+
+Model directory: `clip.yaml` (part specs from `export_config`, so loading never downloads), `model.safetensors`
+(keys `encoder.*`, `text_encoder.*`, `image_proj.*`, `text_proj.*`, `head.*`) and the tokenizer files.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlm.losses import (
+    CLIP_INIT_LOGIT_SCALE,
+    MAX_LOGIT_SCALE,
+    SIGLIP_INIT_LOGIT_BIAS,
+    SIGLIP_INIT_LOGIT_SCALE,
+    contrastive_loss,
+    distributed_loss,
+    siglip_loss,
+)
+from vlm.models.encoders.base import WEIGHTS_NAME, VisionEncoder
+from vlm.models.text_encoders import TextEncoder
+
+CONFIG_NAME = "clip.yaml"
+LOSSES = ("clip", "siglip")
+IMAGE_POOLINGS = ("encoder", "mean")
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+
+
+class ContrastiveHead(nn.Module):
+    """The learned log-scale (shape [1]) and, for the sigmoid loss, the learned bias (shape [1])."""
+
+    def __init__(self, loss: str = "clip", init_logit_scale: float | None = None,
+                 init_logit_bias: float | None = None) -> None:
+        super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; expected one of {LOSSES}")
+        self.loss = loss
+        if init_logit_scale is None:
+            init_logit_scale = CLIP_INIT_LOGIT_SCALE if loss == "clip" else SIGLIP_INIT_LOGIT_SCALE
+        self.logit_scale = nn.Parameter(torch.full([1], float(init_logit_scale)))
+        if loss == "siglip":
+            bias = SIGLIP_INIT_LOGIT_BIAS if init_logit_bias is None else init_logit_bias
+            self.logit_bias = nn.Parameter(torch.full([1], float(bias)))
+        else:
+            self.register_parameter("logit_bias", None)
+
+    @torch.no_grad()
+    def clamp_(self, max_logit_scale: float = MAX_LOGIT_SCALE) -> None:
+        self.logit_scale.clamp_(max=max_logit_scale)
+
+
+class ClipModel(nn.Module):
+    """Parts are plain attributes (`encoder`, `text_encoder`, `image_proj`, `text_proj`, `head`): stages name them in
+    `trainable` (e.g. LiT: `[encoder, image_proj, head]` with a frozen pretrained text tower)."""
+
+    def __init__(
+        self,
+        encoder: VisionEncoder,
+        text_encoder: TextEncoder,
+        embed_dim: int = 512,
+        loss: str = "clip",
+        init_logit_scale: float | None = None,
+        init_logit_bias: float | None = None,
+        image_pooling: str = "encoder",
+        config: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if image_pooling not in IMAGE_POOLINGS:
+            raise ValueError(f"unknown image_pooling {image_pooling!r}; expected one of {IMAGE_POOLINGS}")
+        self.encoder, self.text_encoder = encoder, text_encoder
+        self.image_pooling = image_pooling
+        self.image_proj = nn.Linear(encoder.hidden_size, embed_dim, bias=False)
+        self.text_proj = nn.Linear(text_encoder.hidden_size, embed_dim, bias=False)
+        self.head = ContrastiveHead(loss, init_logit_scale, init_logit_bias)
+        self.embed_dim = int(embed_dim)
+        self.config: dict[str, Any] = {**dict(config or {}), "embed_dim": self.embed_dim, "loss": loss,
+                                       "image_pooling": image_pooling}
+        self.tokenizer: Any = None  # set by from_config / from_pretrained; used by processor() and the eval tasks
+
+    @property
+    def loss_kind(self) -> str:
+        return self.head.loss
+
+    # ---- building -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], tokenizer: Any = None) -> ClipModel:
+        """Instantiate the parts of a model config (`encoder`, `text_encoder` Hydra specs, `embed_dim`, `loss`).
+
+        With a tokenizer, a text tower built from its config gets one embedding row per tokenizer entry and the
+        tokenizer's special ids; a pretrained tower grows only if the tokenizer is larger than its vocabulary.
+        """
+        cfg = _plain(cfg)
+        text_spec = dict(cfg["text_encoder"])
+        if tokenizer is not None and not text_spec.get("pretrained") and text_spec.get("config") is not None:
+            text_spec["config"] = {**text_spec["config"], "vocab_size": len(tokenizer),
+                                   **_special_ids(tokenizer, text_spec["config"])}
+        encoder = _instantiate(cfg["encoder"])
+        text_encoder = _instantiate(text_spec)
+        if tokenizer is not None:
+            text_encoder.fit_vocabulary(len(tokenizer))
+        model = cls(encoder, text_encoder, embed_dim=cfg.get("embed_dim", 512), loss=cfg.get("loss", "clip"),
+                    init_logit_scale=cfg.get("init_logit_scale"), init_logit_bias=cfg.get("init_logit_bias"),
+                    image_pooling=cfg.get("image_pooling", "encoder"), config=cfg)
+        model.tokenizer = tokenizer
+        return model
+
+    # ---- forward --------------------------------------------------------------------------------------------
+    def encode_image(self, pixel_values: torch.Tensor, mask_ratio: float = 0.0, normalize: bool = True) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, embed_dim); FLIP-masked at `mask_ratio` in training mode only.
+
+        image_pooling `encoder`: the backbone's own pooling (CLS + norm for CLIP and timm ViTs, SigLIP's attention
+        head); `mean`: the mean of the (kept) patch tokens of the last layer.
+        """
+        if self.image_pooling == "mean":
+            pooled = self.encoder.forward_features(pixel_values, mask_ratio)[:, self.encoder.num_prefix_tokens:].mean(1)
+        else:
+            pooled = self.encoder.forward_pooled(pixel_values, mask_ratio)
+        x = self.image_proj(pooled)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    normalize: bool = True) -> torch.Tensor:
+        """(B, L) token ids -> (B, embed_dim)."""
+        x = self.text_proj(self.text_encoder(input_ids, attention_mask))
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None = None, mask_ratio: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (image embeddings, text embeddings), both L2-normalised, (B, embed_dim)."""
+        return self.encode_image(pixel_values, mask_ratio), self.encode_text(input_ids, attention_mask)
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """The multiplier (exp of the learned log-scale), shape [1]."""
+        return self.head.logit_scale.exp()
+
+    def loss(self, image_emb: torch.Tensor, text_emb: torch.Tensor, gather: bool = True) -> torch.Tensor:
+        """The model's loss; `gather`: this rank's pairs against every rank's (under DDP/FSDP), else local only."""
+        if gather:
+            return distributed_loss(self.loss_kind, image_emb, text_emb, self.logit_scale, self.head.logit_bias)
+        if self.loss_kind == "clip":
+            return contrastive_loss(image_emb, text_emb, self.logit_scale)
+        return siglip_loss(image_emb, text_emb, self.logit_scale, self.head.logit_bias)
+
+    def clamp_logit_scale(self) -> None:
+        """Clamp the multiplier at 100 (CLIP); call after each optimizer step."""
+        self.head.clamp_()
+
+    # ---- processing -----------------------------------------------------------------------------------------
+    def processor(self, tokenizer: Any = None) -> ClipProcessor:
+        """The processor that turns records, images and texts into this model's tensors."""
+        from vlm.data.images import ImageTransform
+
+        tokenizer = tokenizer if tokenizer is not None else self.tokenizer
+        if tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass one")
+        transform = ImageTransform(self.encoder.image_size, self.encoder.image_mean, self.encoder.image_std)
+        return ClipProcessor(tokenizer, transform, self.text_encoder.max_length)
+
+    # ---- model directory ------------------------------------------------------------------------------------
+    def export_config(self) -> dict[str, Any]:
+        return {
+            **self.config,
+            "kind": "clip",
+            "encoder": self.encoder.export_config(),
+            "text_encoder": self.text_encoder.export_config(),
+            "embed_dim": self.embed_dim,
+            "loss": self.loss_kind,
+            "image_pooling": self.image_pooling,
+        }
+
+    def save_pretrained(self, directory: str | Path, tokenizer: Any = None) -> Path:
+        """Write `clip.yaml`, `model.safetensors` and the tokenizer; all or nothing (temp dir, then rename)."""
+        from omegaconf import OmegaConf
+        from safetensors.torch import save_model
+
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tokenizer = tokenizer if tokenizer is not None else self.tokenizer
+        tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            OmegaConf.save(OmegaConf.create(self.export_config()), tmp / CONFIG_NAME)
+            save_model(self, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+            _swap_in(tmp, directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> tuple[ClipModel, Any]:
+        """Load a model directory -> (model, tokenizer or None); nothing is downloaded; every weight must be present."""
+        from omegaconf import OmegaConf
+        from safetensors.torch import load_model
+
+        directory = Path(directory)
+        if not (directory / CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"{directory} is not a CLIP model directory (no {CONFIG_NAME})")
+        spec = OmegaConf.to_container(OmegaConf.load(directory / CONFIG_NAME))
+        model = cls(_instantiate(spec["encoder"]), _instantiate(spec["text_encoder"]), spec["embed_dim"],
+                    spec.get("loss", "clip"), image_pooling=spec.get("image_pooling", "encoder"), config=spec)
+        load_model(model, directory / WEIGHTS_NAME, strict=True)
+        tokenizer = None
+        if any((directory / name).is_file() for name in TOKENIZER_FILES):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        model.tokenizer = tokenizer
+        return model, tokenizer
+
+
+class ClipProcessor:
+    """Records, images and texts -> tensors of a `ClipModel`.
+
+    `__call__(record)` is the data pipeline's processor (`vlm.data.datamodule.DataModule(processor=...)`): a caption
+    record (the last assistant message is the caption, or `record.text`) with one image becomes
+    `{"input_ids", "pixel_values" (1,3,H,W), "key"}`, which the standard collator pads and batches.
+    """
+
+    def __init__(self, tokenizer: Any, image_transform: Any, max_length: int = 77) -> None:
+        self.tokenizer = tokenizer
+        self.image_transform = image_transform
+        self.max_length = int(max_length)
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token (set tokenizer.pad_token)")
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def token_ids(self, text: str) -> list[int]:
+        """Tokens of one text, ending with the end-of-text token (the `eos` pooling position), cut at max_length."""
+        ids = list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        eos = self.tokenizer.eos_token_id
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)
+        if len(ids) > self.max_length:
+            ids = ids[: self.max_length - 1] + ids[-1:]
+        return ids
+
+    def texts(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (input_ids, attention_mask), right-padded."""
+        rows = [self.token_ids(t) for t in texts]
+        length = max(len(r) for r in rows)
+        ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+        return ids, mask
+
+    def image(self, image: Any) -> torch.Tensor:
+        """PIL image -> (1, 3, S, S)."""
+        pixels, _ = self.image_transform(image)
+        return pixels[:1]
+
+    def images(self, images: Sequence[Any]) -> torch.Tensor:
+        return torch.cat([self.image(im) for im in images])
+
+    def __call__(self, record: Any) -> dict[str, Any]:
+        caption = next((m["content"] for m in reversed(record.messages) if m["role"] == "assistant"), record.text)
+        if not caption:
+            raise ValueError(f"sample {record.key!r} has no caption")
+        if len(record.images) != 1:
+            raise ValueError(f"sample {record.key!r} has {len(record.images)} images; contrastive pairs need one")
+        return {"input_ids": torch.tensor(self.token_ids(caption), dtype=torch.long),
+                "pixel_values": self.image(record.images[0]), "key": record.key}
+
+
+def load_clip_model(model_cfg: Mapping[str, Any], init_from: str | Path | None = None) -> tuple[ClipModel, Any]:
+    """A dual encoder from its config, or the CLIP model directory `init_from` at the config's resolution.
+
+    Returns (model, tokenizer). The tokenizer is loaded as it is (no VLM special tokens); a pad token is set to the
+    end-of-text token if it has none.
+    """
+    if init_from:
+        model, tokenizer = ClipModel.from_pretrained(init_from)
+        size = (model_cfg.get("encoder") or {}).get("image_size")
+        if size and size != model.encoder.image_size:
+            model.encoder.set_image_size(size)
+        return model, tokenizer
+    tokenizer = load_text_tokenizer(model_cfg["tokenizer"])
+    return ClipModel.from_config(model_cfg, tokenizer), tokenizer
+
+
+def load_text_tokenizer(name_or_path: str | Path) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def is_clip_config(model_cfg: Mapping[str, Any]) -> bool:
+    """A model config describes a dual encoder when it has a text tower."""
+    return model_cfg.get("text_encoder") is not None
+
+
+# ---- helpers ----------------------------------------------------------------------------------------------------
+def _special_ids(tokenizer: Any, config: Mapping[str, Any]) -> dict[str, int]:
+    """The tokenizer's pad/bos/eos ids for the keys the text config has (keeps config validation quiet)."""
+    ids = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+           "eos_token_id": tokenizer.eos_token_id}
+    return {k: v for k, v in ids.items() if v is not None and k in config}
+
+
+def _plain(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    from omegaconf import DictConfig, OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+
+
+def _instantiate(spec: Mapping[str, Any], **kwargs: Any) -> Any:
+    from hydra.utils import instantiate
+
+    return instantiate(spec, _convert_="all", **kwargs)
+
+
+def _swap_in(tmp: Path, directory: Path) -> None:
+    """Replace `directory` by the finished `tmp` so a reader never sees a half-written model directory."""
+    if not directory.exists():
+        os.replace(tmp, directory)
+        return
+    old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
