@@ -234,3 +234,26 @@ def test_clip_encoder_seeds_a_vlm_at_a_new_resolution(shapes: Path, clip_run: Pa
     vlm.eval()
     with torch.no_grad():
         assert vlm.encode_images(torch.randn(2, 3, 48, 48)).shape[:2] == (2, 144)
+
+
+# ---- a real CLIP's shapes on the meta device ----------------------------------------------------------------------
+def test_clip_vit_b16_preset_matches_openai_clip(capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m vlm.summary model=clip_vit_b16` counts exactly what transformers' CLIPModel has at these shapes."""
+    from omegaconf import OmegaConf
+    from transformers import CLIPConfig, CLIPModel
+
+    from vlm.summary import main
+
+    summary = main(["model=clip_vit_b16", "--json"])
+    counts = json.loads(capsys.readouterr().out)
+    assert counts == summary
+    vision = OmegaConf.load(Path(CONF) / "model" / "encoder" / "clip_vit_b16.yaml").config
+    text = OmegaConf.load(Path(CONF) / "model" / "text_encoder" / "clip_b16.yaml").config
+    text = {k: v for k, v in OmegaConf.to_container(text).items() if k != "model_type"}
+    with torch.device("meta"):
+        reference = CLIPModel(CLIPConfig(text_config=text, vision_config=OmegaConf.to_container(vision),
+                                         projection_dim=512))
+    assert counts["total"] == sum(p.numel() for p in reference.parameters()) == 149_620_737
+    assert counts["encoder"] == sum(p.numel() for p in reference.vision_model.parameters())
+    assert counts["text_encoder"] == sum(p.numel() for p in reference.text_model.parameters())
+    assert counts["tokens_per_image"] == 196 and counts["stages"]["clip"]["params"] == counts["total"]

@@ -2,8 +2,9 @@
 
     python -m vlm.summary model=llava_7b [hydra overrides ...] [--json]
 
-Per part (encoder, projector, decoder, total), then for every stage preset in conf/stage/ what it trains and how
-large those weights are (fp32 and bf16) next to the whole model in bf16 - the numbers that decide memory plans.
+Per part (encoder, projector, decoder, total; a dual encoder such as model=clip_vit_b16: its own parts), then for
+every stage preset in conf/stage/ what it trains and how large those weights are (fp32 and bf16) next to the whole
+model in bf16 - the numbers that decide memory plans.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ def compose_model_config(overrides: Sequence[str] = (), conf_dir: Path = CONF_DI
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
         cfg = compose("summary", overrides=list(overrides))
     model = OmegaConf.to_container(cfg.model, resolve=True)
-    for part in ("encoder", "decoder"):
-        model[part]["pretrained"] = False
+    for part in ("encoder", "decoder", "text_encoder"):
+        if model.get(part):
+            model[part]["pretrained"] = False
     model["encoder"]["init_from"] = None
     return model
 
@@ -55,15 +57,19 @@ def stage_presets(conf_dir: Path = CONF_DIR) -> dict[str, list[str]]:
 
 
 def summarize(overrides: Sequence[str] = (), conf_dir: Path = CONF_DIR) -> dict[str, Any]:
+    from vlm.models.clip import ClipModel, is_clip_config
     from vlm.models.vlm import VisionLanguageModel
 
     model_cfg = compose_model_config(overrides, conf_dir)
+    clip = is_clip_config(model_cfg)
     with torch.device("meta"):
-        model = VisionLanguageModel.from_config(model_cfg)
-    out: dict[str, Any] = {part: count(getattr(model, part).parameters()) for part in PARTS}
+        model = ClipModel.from_config(model_cfg) if clip else VisionLanguageModel.from_config(model_cfg)
+    parts = [name for name, _ in model.named_children()] if clip else list(PARTS)
+    out: dict[str, Any] = {part: count(getattr(model, part).parameters()) for part in parts}
+    out["parts"] = parts
     out["total"] = count(model.parameters())
     out["total_mb_bf16"] = out["total"] * 2 / MB
-    out["tokens_per_image"] = model.tokens_per_image
+    out["tokens_per_image"] = model.encoder.num_tokens if clip else model.tokens_per_image
     out["stages"] = {name: _stage(model, trainable) for name, trainable in stage_presets(conf_dir).items()}
     return out
 
@@ -79,7 +85,7 @@ def _stage(model: nn.Module, trainable: list[str]) -> dict[str, Any]:
 
 def format_summary(s: dict[str, Any]) -> str:
     lines = [f"{'part':<12}{'parameters':>16}"]
-    lines += [f"{part:<12}{s[part]:>16,}" for part in (*PARTS, "total")]
+    lines += [f"{part:<12}{s[part]:>16,}" for part in (*s.get("parts", PARTS), "total")]
     lines.append(f"tokens per image: {s['tokens_per_image']}; whole model in bf16: {s['total_mb_bf16']:,.1f} MB")
     lines.append("")
     lines.append(f"{'stage':<10}{'trainable':<32}{'parameters':>16}{'MB fp32':>12}{'MB bf16':>12}")
