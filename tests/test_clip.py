@@ -257,3 +257,41 @@ def test_clip_vit_b16_preset_matches_openai_clip(capsys: pytest.CaptureFixture[s
     assert counts["encoder"] == sum(p.numel() for p in reference.vision_model.parameters())
     assert counts["text_encoder"] == sum(p.numel() for p in reference.text_model.parameters())
     assert counts["tokens_per_image"] == 196 and counts["stages"]["clip"]["params"] == counts["total"]
+
+
+# ---- recipes: a clip run seeds the first VLM stage's encoder ------------------------------------------------------
+def test_recipe_init_encoder_and_evaluation_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`init: encoder` hands the previous directory to model.encoder.init_from; `model:` picks an evaluation's stage."""
+    import vlm.run as run
+
+    seen: dict[str, list[str]] = {}
+
+    def fake_stage(cfg):
+        seen[Path(cfg.run_dir).name] = [f"init_from={cfg.init_from}",
+                                        f"model.encoder.init_from={cfg.model.encoder.init_from}"]
+        return Path(cfg.run_dir) / "model"
+
+    def fake_evaluation(cfg):
+        return {f"{cfg.task._target_.rsplit('.', 1)[-1]}/model_dir": str(cfg.model_dir)}
+
+    monkeypatch.setattr(run, "run_stage", fake_stage)
+    monkeypatch.setattr(run, "run_evaluation", fake_evaluation)
+    recipe = {"name": "t", "stages": [{"name": "clip", "overrides": ["stage=clip"]},
+                                      {"name": "lm", "init": "encoder", "overrides": ["stage=lm"]},
+                                      {"name": "align", "overrides": ["stage=align"]},
+                                      {"name": "fresh", "init": "none", "overrides": ["stage=align"]}],
+              "evaluate": [{"name": "zeroshot", "model": "clip", "overrides": ["task=zeroshot"]},
+                           {"name": "vqa", "overrides": ["task=vqa"]}]}
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("train", overrides=[f"run_dir={tmp_path}"])
+        cfg.recipe = OmegaConf.create(recipe)
+        metrics = run.run_recipe(cfg)
+        cfg.recipe.stages[1].init = "decoder"
+        with pytest.raises(ValueError, match="init must be one of"):
+            run.run_recipe(cfg)
+    assert seen["clip"] == ["init_from=None", "model.encoder.init_from=None"]
+    assert seen["lm"] == ["init_from=None", f"model.encoder.init_from={tmp_path / 'clip' / 'model'}"]
+    assert seen["align"] == [f"init_from={tmp_path / 'lm' / 'model'}", "model.encoder.init_from=None"]
+    assert seen["fresh"] == ["init_from=None", "model.encoder.init_from=None"]
+    assert metrics == {"ZeroShotTask/model_dir": str(tmp_path / "clip" / "model"),
+                       "VQATask/model_dir": str(tmp_path / "fresh" / "model")}

@@ -109,17 +109,29 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+# How a recipe step starts from the previous step's model directory (the step's `init` key).
+INIT_OVERRIDES = {"model": "init_from", "encoder": "model.encoder.init_from", "none": None}
+
+
 def run_recipe(cfg: DictConfig, user_overrides: Sequence[str] = ()) -> dict[str, float]:
-    """Run the recipe's stages in order, each from the previous model directory, then its evaluations."""
+    """Run the recipe's stages in order, each from the previous model directory, then its evaluations.
+
+    A step's `init` says how it starts from the previous directory: `model` (default, `init_from=`, the whole
+    model), `encoder` (`model.encoder.init_from=`: only the vision tower, e.g. a clip run's, the rest built from
+    the config) or `none`. An evaluation's `model` names the stage whose directory it evaluates (default: the last).
+    """
     from hydra import compose
 
     root = Path(cfg.run_dir)
     previous = cfg.get("init_from")
     stage_dirs: dict[str, str] = {}
     for step in cfg.recipe.stages:
+        init = step.get("init") or "model"
+        if init not in INIT_OVERRIDES:
+            raise ValueError(f"recipe step {step.name!r}: init must be one of {sorted(INIT_OVERRIDES)}, got {init!r}")
         overrides = [*step.overrides, *user_overrides, f"run_dir={root / step.name}"]
-        if previous:
-            overrides.append(f"init_from={previous}")
+        if previous and INIT_OVERRIDES[init]:
+            overrides.append(f"{INIT_OVERRIDES[init]}={previous}")
         log.info("recipe %s: stage %s with %s", cfg.recipe.name, step.name, overrides)
         previous = str(run_stage(compose("train", overrides=overrides)))
         stage_dirs[step.name] = previous
@@ -127,8 +139,12 @@ def run_recipe(cfg: DictConfig, user_overrides: Sequence[str] = ()) -> dict[str,
     metrics: dict[str, float] = {}
     path_overrides = [o for o in user_overrides if o.startswith("paths.")]
     for ev in cfg.recipe.get("evaluate") or []:
+        source = ev.get("model")
+        if source is not None and source not in stage_dirs:
+            raise ValueError(f"recipe evaluation {ev.name!r}: model={source!r} is not a stage of {list(stage_dirs)}")
+        model_dir = stage_dirs[source] if source else previous
         overrides = [*ev.overrides, *path_overrides, *cfg.get("eval_overrides", []),
-                     f"model_dir={previous}", f"run_dir={root / 'eval' / ev.name}"]
+                     f"model_dir={model_dir}", f"run_dir={root / 'eval' / ev.name}"]
         metrics.update(run_evaluation(compose("evaluate", overrides=overrides)))
     write_metrics(metrics, root / "metrics.json")
     (root / "stages.json").write_text(json.dumps(stage_dirs, indent=2))
