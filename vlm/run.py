@@ -136,6 +136,10 @@ def run_recipe(cfg: DictConfig, user_overrides: Sequence[str] = ()) -> dict[str,
         previous = str(run_stage(compose("train", overrides=overrides)))
         stage_dirs[step.name] = previous
 
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank != 0:  # a multi-process trainer's other ranks: evaluations run once, on rank 0
+        return {}
     metrics: dict[str, float] = {}
     path_overrides = [o for o in user_overrides if o.startswith("paths.")]
     for ev in cfg.recipe.get("evaluate") or []:

@@ -97,7 +97,10 @@ class Stage(L.LightningModule):
         set_trainable(self.model, self.trainable)
 
     def on_fit_start(self) -> None:
-        rank_zero_info(f"[{self.stage_name}] trains {self.trainable}\n{format_parameter_counts(parameter_counts(self.model))}")
+        if self.nonfinite_loss not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite_loss must be one of {NONFINITE_POLICIES}, got {self.nonfinite_loss!r}")
+        counts = format_parameter_counts(parameter_counts(self.model))
+        rank_zero_info(f"[{self.stage_name}] trains {self.trainable}\n{counts}")
         rank_zero_info(f"[{self.stage_name}] {effective_batch_report(self.trainer)}")
 
     # ---- scale-out ------------------------------------------------------------------------------------------
