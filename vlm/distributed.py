@@ -123,7 +123,9 @@ def shard_model(
         blocks = find_blocks(model)  # the wrappers now sit in the lists
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    # the root stays gathered from forward to backward: it is needed again at once, and stages may use its
+    # parameters outside the model's forward (CLIP's logit scale in the loss, the decoder's token embeddings)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
     classes = sorted({type(_unwrap(b)).__name__ for b in blocks})
     log.info("FSDP2: %d blocks (%s) + root; param dtype %s, reduce dtype %s, activation checkpointing %s",
              len(blocks), ", ".join(classes), pdtype, mp.reduce_dtype, activation_checkpointing)
