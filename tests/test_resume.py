@@ -124,6 +124,14 @@ def test_killed_twice_and_preempted_run_resumes_to_the_uninterrupted_result(shap
     for key, value in expected_rows.items():
         assert got_rows[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
 
+    # a stage checkpoint alone (plus the run's config.yaml for the base) gives the model directory back
+    from vlm.checkpointing import main as checkpoint_to_model
+
+    rebuilt = checkpoint_to_model([str(reference / "checkpoints" / f"step={STEPS:08d}.ckpt"),
+                                   "--out", str(tmp_path / "from-checkpoint")])
+    for key, value in load_file(rebuilt / "model.safetensors").items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=lambda m: f"{key}: {m}")
+
 
 def test_replay_loader_fast_forwards_a_data_module_without_its_own_state(tmp_path: Path) -> None:
     """`run_stage` wraps the train loader of a data module that cannot checkpoint its position: on resume the

@@ -252,9 +252,11 @@ def main(argv: list[str] | None = None) -> Path:
 
     from vlm.loading import load_model
 
+    import lightning as L
+
     config = args.config or args.checkpoint.resolve().parent.parent / "config.yaml"
     cfg = OmegaConf.load(config)
-    torch.manual_seed(int(cfg.get("seed", 0)))
+    L.seed_everything(int(cfg.get("seed", 0)), verbose=False)  # as the run did: a random base is rebuilt exactly
     model, tokenizer = load_model(OmegaConf.to_container(cfg.model, resolve=True), cfg.get("init_from"))
     stage = instantiate(cfg.stage, model=model, optim=OmegaConf.to_container(cfg.optim), _convert_="all")
     info = apply_checkpoint(stage, args.checkpoint)
