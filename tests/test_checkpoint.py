@@ -25,7 +25,7 @@ CONF = str(Path(__file__).resolve().parents[1] / "conf")
 # ---- files -------------------------------------------------------------------------------------------------------
 def test_atomic_save_never_leaves_a_torn_checkpoint(tmp_path: Path, monkeypatch) -> None:
     io = AtomicCheckpointIO()
-    target = tmp_path / "step=00000002.ckpt"
+    target = tmp_path / "step-00000002.ckpt"
     io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, target)
     before = target.read_bytes()
 
@@ -57,24 +57,24 @@ def test_resume_auto_takes_the_newest_complete_checkpoint(tmp_path: Path) -> Non
     d = tmp_path / "checkpoints"
     d.mkdir()
     for step in (2, 10):
-        torch.save({}, d / f"step={step:08d}.ckpt")
-    (d / ".step=00000012.ckpt.tmp-1a2b3c4d").write_bytes(b"torn")          # a file write that was killed
-    (d / "step=00000014.ckpt").mkdir()                                      # a sharded dir without its index
-    (d / ".step=00000016.ckpt.partial").mkdir()                             # a sharded write still assembling
-    sharded = d / "step=00000008.ckpt"
+        torch.save({}, d / f"step-{step:08d}.ckpt")
+    (d / ".step-00000012.ckpt.tmp-1a2b3c4d").write_bytes(b"torn")          # a file write that was killed
+    (d / "step-00000014.ckpt").mkdir()                                      # a sharded dir without its index
+    (d / ".step-00000016.ckpt.partial").mkdir()                             # a sharded write still assembling
+    sharded = d / "step-00000008.ckpt"
     sharded.mkdir()
     (sharded / ".metadata").write_bytes(b"x")
     (sharded / "meta.pt").write_bytes(b"x")
-    assert [p.name for p in list_checkpoints(d)] == ["step=00000002.ckpt", "step=00000008.ckpt",
-                                                     "step=00000010.ckpt"]
-    assert find_resume_checkpoint("auto", d) == d / "step=00000010.ckpt"
+    assert [p.name for p in list_checkpoints(d)] == ["step-00000002.ckpt", "step-00000008.ckpt",
+                                                     "step-00000010.ckpt"]
+    assert find_resume_checkpoint("auto", d) == d / "step-00000010.ckpt"
     assert find_resume_checkpoint("auto", tmp_path / "fresh") is None  # nothing yet: a fresh start
     assert find_resume_checkpoint(None, d) is None
     assert find_resume_checkpoint(str(sharded), d) == sharded
     with pytest.raises(FileNotFoundError):
-        find_resume_checkpoint(str(d / "step=00000014.ckpt"), d)
+        find_resume_checkpoint(str(d / "step-00000014.ckpt"), d)
     removed = {p.name for p in ckpt.remove_partials(d)}
-    assert removed == {".step=00000012.ckpt.tmp-1a2b3c4d", ".step=00000016.ckpt.partial"}
+    assert removed == {".step-00000012.ckpt.tmp-1a2b3c4d", ".step-00000016.ckpt.partial"}
 
 
 # ---- stage checkpoints ------------------------------------------------------------------------------------------
@@ -126,9 +126,9 @@ def test_stage_checkpoint_holds_trainable_weights_and_its_base(tiny, tmp_path: P
     stage.base_weights = {"init_from": "/models/lm", "seed": 0}
     saver = StepCheckpoint(tmp_path / "checkpoints", every_n_steps=1, keep_last=2)
     fit(stage, make_batches(model), 4, tmp_path, [saver])
-    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step=00000003.ckpt",
-                                                                            "step=00000004.ckpt"]
-    checkpoint = torch.load(tmp_path / "checkpoints" / "step=00000004.ckpt", weights_only=True)
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-00000003.ckpt",
+                                                                            "step-00000004.ckpt"]
+    checkpoint = torch.load(tmp_path / "checkpoints" / "step-00000004.ckpt", weights_only=True)
     weights = checkpoint["state_dict"]
     assert {k.split(".")[1] for k in weights} == {"projector"}
     n_params = sum(p.numel() for p in model.projector.parameters())
@@ -141,11 +141,11 @@ def test_stage_checkpoint_holds_trainable_weights_and_its_base(tiny, tmp_path: P
     # resuming the same stage works (frozen weights come from the base it was built on) ...
     again = GenerativeStage(tiny(), trainable=["projector"], optim={"lr": 1e-2, "warmup_steps": 0}, name="align")
     again.base_weights = dict(stage.base_weights)
-    fit(again, make_batches(model, 5), 5, tmp_path / "b", ckpt_path=tmp_path / "checkpoints" / "step=00000004.ckpt")
+    fit(again, make_batches(model, 5), 5, tmp_path / "b", ckpt_path=tmp_path / "checkpoints" / "step-00000004.ckpt")
     # ... a stage that trains more than the checkpoint holds is refused, naming what is missing
     wider = GenerativeStage(tiny(), trainable=["projector", "decoder"], optim={"lr": 1e-2, "warmup_steps": 0})
     with pytest.raises(KeyError, match="lacks .* trainable weights.*decoder"):
-        fit(wider, make_batches(model, 5), 5, tmp_path / "c", ckpt_path=tmp_path / "checkpoints" / "step=00000004.ckpt")
+        fit(wider, make_batches(model, 5), 5, tmp_path / "c", ckpt_path=tmp_path / "checkpoints" / "step-00000004.ckpt")
 
 
 def test_preemption_signal_saves_then_requeues_once(tiny, tmp_path: Path, monkeypatch) -> None:
@@ -175,7 +175,7 @@ def test_preemption_signal_saves_then_requeues_once(tiny, tmp_path: Path, monkey
     finally:
         signal.signal(signal.SIGUSR2, previous)
     assert preemption.preempted and trainer.global_step == 2  # the step in flight finished, then the run stopped
-    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step=00000002.ckpt"]
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-00000002.ckpt"]
     assert calls == [["scontrol", "requeue", "4242"]]
 
 

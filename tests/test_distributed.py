@@ -144,7 +144,7 @@ def test_fsdp_preset_align_and_sft_sharded_checkpoints_and_consolidation(shapes:
     # align: encoder and decoder frozen and sharded; sharded checkpoints every 2 steps and at the end
     align = tmp_path / "align"
     ckpts = list_checkpoints(align / "checkpoints")
-    assert [p.name for p in ckpts] == ["step=00000002.ckpt", "step=00000003.ckpt"]
+    assert [p.name for p in ckpts] == ["step-00000002.ckpt", "step-00000003.ckpt"]
     assert all(p.is_dir() and len(list(p.glob("*.distcp"))) == 2 for p in ckpts)  # one shard file per rank
     weights, info = load_trainable_weights(ckpts[-1])
     assert {k.split(".")[1] for k in weights} == {"projector"}  # frozen parts are not in stage checkpoints
@@ -174,7 +174,7 @@ def test_fsdp_preset_align_and_sft_sharded_checkpoints_and_consolidation(shapes:
     sharded = torch.load(tmp_path / "sft" / "logits.pt", weights_only=True)
     model, _ = VisionLanguageModel.from_pretrained(tmp_path / "sft" / "model")
     torch.testing.assert_close(logits_of(model, sharded["batch"]), sharded["logits"], rtol=0, atol=1e-6)
-    single_file = tmp_path / "sft" / "checkpoints" / "step=00000002.ckpt"
+    single_file = tmp_path / "sft" / "checkpoints" / "step-00000002.ckpt"
     assert single_file.is_file()  # save_distributed_checkpoint=false: full trainable weights gathered to rank 0
     weights, _ = load_trainable_weights(single_file)
     assert {k.split(".")[1] for k in weights} == {"projector", "decoder"}

@@ -104,5 +104,5 @@ def test_local_launcher_runs_a_sweep_with_a_run_directory_per_job(tmp_path: Path
     assert jobs == ["0", "1"]
     for job, seed in zip(jobs, (0, 1)):
         assert (sweep / job / "model" / "model.safetensors").is_file()
-        assert (sweep / job / "checkpoints" / "step=00000002.ckpt").is_file()
+        assert (sweep / job / "checkpoints" / "step-00000002.ckpt").is_file()
         assert OmegaConf.load(sweep / job / "config.yaml").seed == seed

@@ -72,14 +72,14 @@ def test_killed_twice_and_preempted_run_resumes_to_the_uninterrupted_result(shap
     killed = run_script("resume_run.py", shapes.parent, *RUN, f"run_dir={run}",
                         env={"VLM_TEST_KILL_AFTER_CHECKPOINT": "4"}, check=False, timeout=180)
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:]
-    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step=00000002.ckpt", "step=00000004.ckpt"]
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step-00000002.ckpt", "step-00000004.ckpt"]
 
     # 2. resume=auto from step 4; SIGKILL halfway through writing step 6: the torn file never gets the real name
     killed = run_script("resume_run.py", shapes.parent, *RUN, f"run_dir={run}", "resume=auto",
                         env={"VLM_TEST_KILL_DURING_SAVE": "6"}, check=False, timeout=180)
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:]
-    assert "Restoring states from the checkpoint path at" in killed.stdout and "step=00000004.ckpt" in killed.stdout
-    assert [p.name for p in list_checkpoints(run / "checkpoints")][-1] == "step=00000004.ckpt"
+    assert "Restoring states from the checkpoint path at" in killed.stdout and "step-00000004.ckpt" in killed.stdout
+    assert [p.name for p in list_checkpoints(run / "checkpoints")][-1] == "step-00000004.ckpt"
     assert any(".tmp-" in p.name for p in (run / "checkpoints").iterdir())  # the torn write is still there
 
     # 3. resume=auto picks step 4 again (the torn one is removed); USR2 during step 6: save step 6, hand over to
@@ -107,7 +107,7 @@ def test_killed_twice_and_preempted_run_resumes_to_the_uninterrupted_result(shap
         monkeypatch.setattr(Stage, "on_train_batch_start", original)
     assert exit_info.value.code == 3 and marker.read_text() == "requeue"
     names = [p.name for p in list_checkpoints(run / "checkpoints")]
-    assert names[-1] == "step=00000006.ckpt" and not any(".tmp-" in p.name for p in (run / "checkpoints").iterdir())
+    assert names[-1] == "step-00000006.ckpt" and not any(".tmp-" in p.name for p in (run / "checkpoints").iterdir())
     assert not (run / "model").exists()
 
     # 4. the requeued job: resume=auto from the preemption checkpoint, to the end
@@ -127,7 +127,7 @@ def test_killed_twice_and_preempted_run_resumes_to_the_uninterrupted_result(shap
     # a stage checkpoint alone (plus the run's config.yaml for the base) gives the model directory back
     from vlm.checkpointing import main as checkpoint_to_model
 
-    rebuilt = checkpoint_to_model([str(reference / "checkpoints" / f"step={STEPS:08d}.ckpt"),
+    rebuilt = checkpoint_to_model([str(reference / "checkpoints" / f"step-{STEPS:08d}.ckpt"),
                                    "--out", str(tmp_path / "from-checkpoint")])
     for key, value in load_file(rebuilt / "model.safetensors").items():
         torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=lambda m: f"{key}: {m}")

@@ -179,6 +179,16 @@ class ResumeState(L.Callback):
         self._loaded = None
 
 
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # a resumed run that had nothing left to train never reached on_train_start: put its log back as it was
+        if not trainer.is_global_zero:
+            return
+        for path in csv_log_files(trainer.loggers):
+            stash = path.with_name(path.name + STASH_SUFFIX)
+            if stash.is_file() and not path.exists():
+                os.replace(stash, path)
+
+
 # ---- data position -----------------------------------------------------------------------------------------------
 class ReplayLoader:
     """A train loader whose position Lightning checkpoints (it has `state_dict`/`load_state_dict`); on resume, the
@@ -252,7 +262,7 @@ class PreemptionCheckpoint(L.Callback):
     """Save on the preemption signal, then requeue once.
 
     The handler only records the signal. At the end of the current training step all ranks agree (a max-reduce of
-    the flag), save `step=N.ckpt` (through the run's `StepCheckpoint` when there is one, else into `dirpath`) and
+    the flag), save `step-N.ckpt` (through the run's `StepCheckpoint` when there is one, else into `dirpath`) and
     stop. After the fit (`on_fit_end`) the job is requeued by exactly one owner: the handler that was installed for
     that signal before ours - submitit's checkpoint-and-requeue when submitit launched the job - or else, under SLURM
     with `requeue: true`, `scontrol requeue` from rank 0. The requeued job resumes with `resume=auto`. Lightning's
@@ -299,7 +309,7 @@ class PreemptionCheckpoint(L.Callback):
         if steps:
             steps[0].save_now(trainer)
         else:
-            trainer.save_checkpoint(self.dirpath / f"step={trainer.global_step:08d}.ckpt")
+            trainer.save_checkpoint(self.dirpath / f"step-{trainer.global_step:08d}.ckpt")
         rank_zero_info(f"preemption: checkpoint of step {trainer.global_step} saved; stopping")
         self.preempted = True
         trainer.should_stop = True

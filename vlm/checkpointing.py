@@ -11,7 +11,7 @@
 - Loading uses `torch.load(weights_only=True)`: nothing in a checkpoint can execute code.
 - `StepCheckpoint`: every N optimizer steps, keep the last K, plus the final step.
 
-    python -m vlm.checkpointing RUN_DIR/checkpoints/step=00000500.ckpt --out DIR   # checkpoint -> model directory
+    python -m vlm.checkpointing RUN_DIR/checkpoints/step-00000500.ckpt --out DIR   # checkpoint -> model directory
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 log = logging.getLogger("vlm")
 
 PARTIAL = ".partial"
-_STEP = re.compile(r"step=(\d+)")
+_STEP = re.compile(r"step[-=](\d+)")
 _METADATA = "meta.pt"  # lightning.fabric.utilities.load._METADATA_FILENAME
 
 
@@ -176,16 +176,18 @@ def describe_base(info: Mapping[str, Any] | None) -> str:
 
 # ---- the callback ----------------------------------------------------------------------------------------------
 class StepCheckpoint(ModelCheckpoint):
-    """Checkpoint every `every_n_steps` optimizer steps as `step=NNNNNNNN.ckpt`, keep the newest `keep_last`
+    """Checkpoint every `every_n_steps` optimizer steps as `step-NNNNNNNN.ckpt`, keep the newest `keep_last`
     (-1: all), and save the final step too (`save_final`). Leftovers of interrupted writes are removed at start."""
 
     def __init__(self, dirpath: str | os.PathLike, every_n_steps: int = 500, keep_last: int = 3,
                  save_final: bool = True, **kwargs: Any) -> None:
         if keep_last == 0:
             raise ValueError("keep_last must be >= 1, or -1 for all")
-        super().__init__(dirpath=dirpath, filename="{step:08d}", monitor="step", mode="max",
+        # `step-00000500.ckpt`: no `=` in the name, so `resume=PATH` needs no quoting on the command line
+        super().__init__(dirpath=dirpath, filename="step-{step:08d}", monitor="step", mode="max",
                          save_top_k=keep_last, every_n_train_steps=every_n_steps, save_last=False,
-                         save_on_train_epoch_end=False, **kwargs)
+                         save_on_train_epoch_end=False, auto_insert_metric_name=False,
+                         enable_version_counter=False, **kwargs)
         self.save_final = save_final
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:

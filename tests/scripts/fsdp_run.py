@@ -68,11 +68,11 @@ def main() -> None:
     runs = {
         "align": ["stage=align", f"init_from={base}", "trainer.max_steps=3"],
         "align_resumed": ["stage=align", f"init_from={base}", "trainer.max_steps=3",
-                          f"resume='{out / 'align' / 'checkpoints' / 'step=00000002.ckpt'}'"],
+                          f"resume={out / 'align' / 'checkpoints' / 'step-00000002.ckpt'}"],
         "sft": ["stage=sft", f"init_from={out / 'align' / 'model'}", "trainer.max_steps=2",
                 "trainer.strategy.activation_checkpointing=true", "trainer.strategy.save_distributed_checkpoint=false"],
         "sft_reloaded": ["stage=sft", f"init_from={out / 'align' / 'model'}", "trainer.max_steps=2",
-                         f"resume='{out / 'sft' / 'checkpoints' / 'step=00000002.ckpt'}'"],
+                         f"resume={out / 'sft' / 'checkpoints' / 'step-00000002.ckpt'}"],
     }
     for name, overrides in runs.items():
         with initialize_config_dir(config_dir=CONF, version_base="1.3"):

@@ -47,7 +47,7 @@ def install_interruptions() -> None:
         original = ckpt._write
 
         def half_write(obj, tmp):
-            if f"step={kill_save:08d}" in tmp.name:
+            if f"step-{kill_save:08d}" in tmp.name:
                 import io
                 buffer = io.BytesIO()
                 torch.save(obj, buffer)
