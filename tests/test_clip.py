@@ -44,7 +44,8 @@ def clip_run(shapes: Path, tmp_path_factory) -> Path:
                   "trainer.val_check_interval=6", "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1",
                   "data.batch_size=8", "data.num_workers=0", "data.prepare.num_train=300",
                   "data.prepare.num_val=40", "data.prepare.num_test=60", "data.prepare.samples_per_shard=100",
-                  "stage.mask_ratio=0.5", "stage.unmasked_steps=2", "optim.lr=1e-2")
+                  "stage.mask_ratio=0.5", "stage.unmasked_steps=2", "optim.lr=1e-2",
+                  "model.encoder.patch_size=4")  # 8x8 patches, whatever the quickstart's preset uses
     model_dir = run_stage(cfg)
     assert model_dir == run_dir / "model"
     return run_dir
@@ -219,7 +220,7 @@ def test_clip_encoder_seeds_a_vlm_at_a_new_resolution(shapes: Path, clip_run: Pa
     from vlm.loading import load_model
 
     cfg = cfg_for(shapes, "train", "stage=align", f"model.encoder.init_from={clip_run / 'model'}",
-                  "model.encoder.image_size=48")
+                  "model.encoder.image_size=48", "model.encoder.patch_size=4", "model/projector=mlp2x_gelu")
     vlm, _ = load_model(OmegaConf.to_container(cfg.model, resolve=True))
     clip, _ = ClipModel.from_pretrained(clip_run / "model")
     assert (clip.encoder.image_size, clip.encoder.num_tokens) == (32, 64)

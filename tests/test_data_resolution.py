@@ -27,7 +27,8 @@ def shapes(tmp_path_factory) -> Path:
 
 def tiny(shapes: Path, *overrides: str):
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("train", overrides=[f"paths.data_dir={shapes.parent}", *overrides])
+        cfg = compose("train", overrides=[f"paths.data_dir={shapes.parent}", "model.encoder.patch_size=4",
+                                      "model/projector=mlp2x_gelu", *overrides])
     return load_model(OmegaConf.to_container(cfg.model, resolve=True))
 
 

@@ -319,8 +319,12 @@ def test_tiny_preset_composes_and_builds() -> None:
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     assert model_cfg["tokenizer"].endswith("shapes/tokenizer") and model_cfg["max_length"] == 256
     model = VisionLanguageModel.from_config(model_cfg, make_tokenizer())
-    assert model.encoder.num_tokens == 64 and model.tokens_per_image == 16
-    assert model.decoder.config.hidden_size == 128 and model.decoder.config.num_hidden_layers == 4
+    encoder, decoder = model_cfg["encoder"], model_cfg["decoder"]["config"]
+    grid = encoder["image_size"] // encoder["patch_size"]
+    assert model.encoder.num_tokens == grid**2
+    assert model.tokens_per_image == grid**2 // model_cfg["projector"]["factor"] ** 2
+    assert model.decoder.config.hidden_size == decoder["hidden_size"]
+    assert model.decoder.config.num_hidden_layers == decoder["num_hidden_layers"]
 
 
 def test_prefix_mask_follows_the_model_dtype() -> None:

@@ -22,7 +22,7 @@ def test_llava_7b_totals_7_06e9(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_table_and_overrides(capsys: pytest.CaptureFixture[str]) -> None:
-    summary = main(["model=tiny", "model/projector=pixel_shuffle"])
+    summary = main(["model=tiny", "model/projector=pixel_shuffle", "model.encoder.patch_size=4"])
     out = capsys.readouterr().out
-    assert summary["tokens_per_image"] == 16
+    assert summary["tokens_per_image"] == 16  # (32 px / 4 px)^2 patches, merged 2x2
     assert "projector" in out and f"{summary['total']:,}" in out and "align" in out

@@ -3,9 +3,18 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from vlm.data.processor import IGNORE_INDEX
+
+
+def _concat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """`torch.cat` along dim 0, through numpy for CPU tensors: one thread, a plain copy. (torch's intra-op threads
+    made a 20 MB concatenation take 0.5 s instead of 4 ms on a busy 2-core machine.)"""
+    if all(t.device.type == "cpu" and not t.requires_grad for t in tensors):
+        return torch.from_numpy(np.concatenate([t.numpy() for t in tensors]))
+    return torch.cat(list(tensors))
 
 
 class Collator:
@@ -43,6 +52,6 @@ class Collator:
             batch["labels"] = self._pad([s["labels"] for s in samples], IGNORE_INDEX, length)
         pixels = [s["pixel_values"] for s in samples if s.get("pixel_values") is not None]
         if pixels:
-            batch["pixel_values"] = torch.cat(pixels)
+            batch["pixel_values"] = _concat(pixels)
         batch["keys"] = [str(s.get("key", "")) for s in samples]
         return batch

@@ -198,9 +198,14 @@ class Processor:
     def _tokenize_chat(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
         ids, offsets = self._encode(text)
         labels = [IGNORE_INDEX] * len(ids)
-        for n, (start, end) in enumerate(offsets):
-            # any overlap: a token that merges a template space with the reply's first word is part of the reply
-            if end > start and any(start < b and end > a for a, b in spans):
+        spans = sorted(spans)  # disjoint, so their ends ascend too
+        k = 0
+        for n, (start, end) in enumerate(offsets):  # offsets ascend: one pass over both
+            while k < len(spans) and spans[k][1] <= start:
+                k += 1
+            # any overlap (spans[k] is the first that ends after `start`): a token that merges a template space
+            # with the reply's first word is part of the reply
+            if end > start and k < len(spans) and spans[k][0] < end:
                 labels[n] = ids[n]
         return ids, labels
 
@@ -216,7 +221,7 @@ class Processor:
             pixels, grid = self.image_transform(image)
             tiles.append(pixels)
             grids.append(tuple(grid))
-        return torch.cat(tiles), grids
+        return (tiles[0] if len(tiles) == 1 else torch.cat(tiles)), grids
 
     def _placeholder(self, grid: Grid) -> list[int]:
         if grid not in self._placeholder_ids:
@@ -233,15 +238,17 @@ class Processor:
             return ids, labels
         out_ids: list[int] = []
         out_labels: list[int] = []
-        images = iter(grids)
-        for token, label in zip(ids, labels):
-            if token == self.image_token_id:
-                expansion = self._placeholder(next(images))
-                out_ids.extend(expansion)
-                out_labels.extend([IGNORE_INDEX] * len(expansion))
-            else:
-                out_ids.append(token)
-                out_labels.append(label)
+        previous = 0
+        positions = (n for n, token in enumerate(ids) if token == self.image_token_id)
+        for position, grid in zip(positions, grids):
+            expansion = self._placeholder(grid)
+            out_ids += ids[previous:position]
+            out_ids += expansion
+            out_labels += labels[previous:position]
+            out_labels += [IGNORE_INDEX] * len(expansion)
+            previous = position + 1
+        out_ids += ids[previous:]
+        out_labels += labels[previous:]
         return out_ids, out_labels
 
     def _check_length(self, ids: list[int], key: str, cut_ok: bool) -> int:
@@ -279,7 +286,7 @@ class Processor:
         ids, labels = self._expand(ids, labels, grids, record.key)
         keep = self._check_length(ids, record.key, cut_ok=True)
         ids, labels = ids[:keep], labels[:keep]
-        if all(label == IGNORE_INDEX for label in labels):
+        if labels.count(IGNORE_INDEX) == len(labels):
             raise TruncationError(
                 f"sample {record.key!r}: no assistant tokens left within max_length {self.max_length}"
             )
