@@ -123,7 +123,8 @@ def run_recipe(cfg: DictConfig, user_overrides: Sequence[str] = ()) -> dict[str,
     from hydra import compose
 
     root = Path(cfg.run_dir)
-    previous = cfg.get("init_from")
+    previous = cfg.get("init_from")  # where the first step starts from; each step then names its own
+    user_overrides = [o for o in user_overrides if not o.lstrip("+~").startswith(("init_from=", "run_dir="))]
     stage_dirs: dict[str, str] = {}
     for step in cfg.recipe.stages:
         init = step.get("init") or "model"
