@@ -152,3 +152,15 @@ def test_epoch_mode_covers_every_sample_once_across_workers(shapes: Path, proces
     for keys in epochs:
         assert sorted(keys) == [f"train-{i:06d}" for i in range(90)]
     assert epochs[0] != epochs[1]  # reshuffled between epochs
+
+
+def test_a_bug_in_processing_is_raised_not_skipped() -> None:
+    """Bad data is skipped and counted; a programming error (here a TypeError) must surface."""
+    from vlm.data.pipeline import SkipCounter
+
+    counter = SkipCounter()
+    handler = counter.handler("processing_error")
+    assert handler(OSError("broken PNG")) is True
+    with pytest.raises(TypeError, match="bug"):
+        handler(TypeError("a bug"))
+    assert counter.counts() == {"processing_error": 1}

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import webdataset as wds
+from PIL import Image
 from webdataset.filters import _shuffle as _wds_shuffle
 from webdataset.shardlists import expand_urls as _wds_expand
 from webdataset.tariterators import tarfile_samples
@@ -84,8 +85,14 @@ class SkipCounter:
         self._warned = {}
 
 
+# What bad data raises (PIL's decode errors are OSErrors; broken JSON or text, ValueErrors): skipped and counted.
+# Anything else (TypeError, AttributeError, ...) is a bug in code, and re-raised rather than hidden as skips.
+DATA_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, EOFError, Image.DecompressionBombError)
+
+
 class _CountingHandler:
-    """Picklable handler: SkipSample counts under its reason, too-long samples as `too_long`, others as default."""
+    """Picklable handler: SkipSample counts under its reason, too-long samples as `too_long`, other data errors
+    under the default reason; exceptions that are not data errors propagate."""
 
     def __init__(self, counter: SkipCounter, default_reason: str):
         self.counter = counter
@@ -96,8 +103,10 @@ class _CountingHandler:
             self.counter.add(exn.reason, exn.detail)
         elif isinstance(exn, TruncationError):
             self.counter.add("too_long", str(exn))
-        else:
+        elif isinstance(exn, DATA_ERRORS):
             self.counter.add(self.default_reason, f"{type(exn).__name__}: {exn}")
+        else:
+            raise exn
         return True
 
 
