@@ -127,9 +127,23 @@ def test_recipe_end_to_end(shapes: Path, tmp_path: Path) -> None:
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose("train", overrides=[*user, f"run_dir={tmp_path}", "eval_overrides=['task.limit=8']"])
         metrics = run_recipe(cfg, user_overrides=user)
-    for name in ("lm", "align", "sft"):
+    for name in ("clip", "lm", "align", "sft"):
         assert (tmp_path / name / "model" / "model.safetensors").exists()
+    # the clip stage's vision tower went into the VLM (lm trains the decoder only): same weights, except the
+    # position table, resampled from the clip stage's 32 px grid to the tiles' 16 px one
+    from safetensors.torch import load_file
+
+    clip = {k: v for k, v in load_file(tmp_path / "clip" / "model" / "model.safetensors").items()
+            if k.startswith("encoder.")}
+    vlm = load_file(tmp_path / "lm" / "model" / "model.safetensors")
+    assert clip and all(k in vlm for k in clip)
+    for key, value in clip.items():
+        if key.endswith("pos_embed"):
+            assert vlm[key].shape[1] < value.shape[1]
+        else:
+            torch.testing.assert_close(vlm[key], value, msg=lambda m, k=key: f"{k}: {m}")
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved == pytest.approx(metrics)
     assert 0.0 <= saved["vqa/accuracy"] <= 1.0 and saved["vqa/count"] == 8
+    assert 0.0 <= saved["zeroshot/top1"] <= 1.0 and saved["zeroshot/count"] > 0
     assert len((tmp_path / "eval" / "vqa" / "predictions.jsonl").read_text().splitlines()) == 8

@@ -8,6 +8,7 @@ unmasked loss and, at its end, the stage's evaluation tasks (zero-shot classific
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from torch import nn
 
 from vlm.models.masking import check_mask_ratio
 from vlm.stages.base import Stage
+
+log = logging.getLogger(__name__)
 
 
 class ClipStage(Stage):
@@ -86,7 +89,19 @@ class ClipStage(Stage):
         self.log("val/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
-        if not self.eval_tasks or self.trainer.sanity_checking or not self.trainer.is_global_zero:
+        if not self.eval_tasks or self.trainer.sanity_checking:
+            return
+        from vlm.distributed import uses_fsdp2
+
+        if uses_fsdp2(self.trainer.strategy):
+            # the tasks call the model's methods on rank zero, outside the FSDP2 units' forward hooks that gather
+            # the shards from every rank: they would wait forever. Evaluate the consolidated model directory.
+            if not getattr(self, "_warned_fsdp_eval", False):
+                log.warning("[%s] zero-shot/retrieval checks are skipped under FSDP; run evaluate.py "
+                            "task=zeroshot model_dir=<run>/model after the stage", self.stage_name)
+                self._warned_fsdp_eval = True  # once per run, not per validation
+            return
+        if not self.trainer.is_global_zero:
             return
         for task in self.eval_tasks.values():
             metrics = task.evaluate(self.model)

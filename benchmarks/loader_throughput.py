@@ -1,0 +1,253 @@
+"""Data loading: our full pipeline against the raw decode+resize limit, and the quickstart's time waiting for data.
+
+1. Throughput (samples/s). "full": the training DataModule (tar reading, shuffle buffer, decode, resize, chat
+   template, tokenise, collate) with `--workers` DataLoader workers, as training runs it. "limit": the same decode
+   and resize alone (`decode_image` + `ImageTransform` on the image bytes, in memory) in one process, times the
+   number of workers. Measured alternately for `--rounds` rounds; medians compared (target: full >= 0.8 x limit).
+   On a shared machine wall-clock rates swing with the load, so CPU time per sample (this process and the
+   workers, from /proc) is compared too: limit CPU / full CPU is the ratio a machine with a free core per worker
+   would show.
+   Two image settings: the quickstart's (64 px PNG shapes, cut into 2x2 tiles + a thumbnail of 16 px each for `model=tiny_tiled`) and a typical
+   one (384 px JPEG, resized to 224 px, as img2dataset shards of CC3M/LAION are).
+2. The quickstart's stages (clip, lm, align, sft: the models and data config of conf/recipe/quickstart.yaml, 1 worker): the share of
+   step time spent waiting for the next batch, from a timer callback (time between one batch's end and the
+   next one's start, i.e. fetch + transfer) and from Lightning's SimpleProfiler (`train_dataloader_next`).
+   Target: under 5%.
+
+    python benchmarks/loader_throughput.py [--rounds 3] [--batches 30] [--steps 40] [--threads 1]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import statistics
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+import webdataset as wds
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from lightning.pytorch.profilers import SimpleProfiler
+from omegaconf import OmegaConf
+from PIL import Image
+
+from vlm.data.datamodule import DataModule
+from vlm.data.formats import decode_image
+from vlm.data.images import ImageTransform
+from vlm.data.processor import Processor
+from vlm.data.synthetic.shapes import ensure_shapes
+from vlm.data.tokens import load_tokenizer
+from vlm.loading import build_processor, load_model
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+BATCH = 32
+WARMUP_BATCHES = 4
+
+
+# ---------------------------------------------------------------- data
+
+
+def image_bytes(shards: list[str], field: str) -> list[bytes]:
+    out = []
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            out += [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith("." + field)]
+    return out
+
+
+def jpeg_shards(shapes: Path, out: Path, size: int) -> list[str]:
+    """The shapes world's train samples with their images redrawn at `size` px and stored as JPEG."""
+    out.mkdir(parents=True, exist_ok=True)
+    urls = []
+    for shard in (shapes / "train.txt").read_text().split():
+        path = out / shard
+        with tarfile.open(shapes / shard) as tar, wds.TarWriter(str(path)) as sink:
+            samples: dict[str, dict] = {}
+            for member in tar.getmembers():
+                key, ext = member.name.split(".", 1)
+                samples.setdefault(key, {"__key__": key})[ext] = tar.extractfile(member).read()
+            for sample in samples.values():
+                image = Image.open(io.BytesIO(sample.pop("png"))).convert("RGB").resize((size, size), Image.NEAREST)
+                buffer = io.BytesIO()
+                image.save(buffer, format="JPEG", quality=90)
+                sink.write({**sample, "jpg": buffer.getvalue()})
+        urls.append(str(path))
+    return urls
+
+
+# ---------------------------------------------------------------- throughput
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of other processes (DataLoader workers), from /proc."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def limit_rate(images: list[bytes], transform: ImageTransform) -> tuple[float, float]:
+    """(samples/s, CPU seconds per sample) of decode + resize alone, in this process."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    for data in images:
+        transform(decode_image(data))
+    return len(images) / (time.perf_counter() - wall), (time.process_time() - cpu) / len(images)
+
+
+def full_rate(loader, batches: int) -> tuple[float, float]:
+    """(samples/s, CPU seconds per sample over this process and the workers) the DataLoader delivers, after a
+    warm-up (workers started, shuffle buffers filled)."""
+    stream = iter(loader)
+    for _ in range(WARMUP_BATCHES):
+        next(stream)
+    iterator = getattr(loader, "_iterator", None)
+    pids = [w.pid for w in getattr(iterator, "_workers", [])] if loader.num_workers else []
+    wall, cpu, workers = time.perf_counter(), time.process_time(), cpu_seconds(pids)
+    n = sum(len(next(stream)["keys"]) for _ in range(batches))
+    used = time.process_time() - cpu + cpu_seconds(pids) - workers
+    return n / (time.perf_counter() - wall), used / n
+
+
+def throughput(name: str, urls: list[str], field: str, processor: Processor, workers: int, batches: int,
+               rounds: int) -> dict[str, float]:
+    images = image_bytes(urls[:1], field)[:400]
+    dm = DataModule(processor, urls, format="conversation", batch_size=BATCH, num_workers=workers,
+                    shuffle_buffer=1000, resampled=True, seed=0)
+    loader = dm.train_dataloader()
+    rows = []
+    for r in range(rounds):
+        limit, limit_cpu = limit_rate(images, processor.image_transform)
+        full, full_cpu = full_rate(loader, batches)
+        rows.append((limit * workers, full, limit_cpu, full_cpu))
+        print(f"  [{name}] round {r}: limit {limit * workers:7.0f}/s  full {full:7.0f}/s   CPU per sample: "
+              f"limit {1e6 * limit_cpu:6.0f} us  full {1e6 * full_cpu:6.0f} us", flush=True)
+    one = DataModule(processor, urls, format="conversation", batch_size=BATCH, num_workers=0, shuffle_buffer=1000)
+    inprocess, _ = full_rate(one.train_dataloader(), max(4, batches // 4))
+    del loader
+    limit, full, limit_cpu, full_cpu = (statistics.median(column) for column in zip(*rows))
+    return {"limit": limit, "full": full, "ratio": full / limit, "inprocess": inprocess,
+            "limit_cpu_us": 1e6 * limit_cpu, "full_cpu_us": 1e6 * full_cpu, "cpu_ratio": limit_cpu / full_cpu}
+
+
+# ---------------------------------------------------------------- quickstart wait share
+
+
+class WaitTimer(L.Callback):
+    """Time between one batch's end and the next one's start (the fetch of the next batch plus its transfer)."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.waits: list[float] = []
+        self.steps: list[float] = []
+        self._end: float | None = None
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if self._end is not None and batch_idx > self.warmup:
+            self.waits.append(now - self._end)
+        self._start = now
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self._end = time.perf_counter()
+        if batch_idx > self.warmup:
+            self.steps.append(self._end - self._start)
+
+
+def quickstart_share(data_dir: Path, stage: str, steps: int, extra: list[str]) -> dict[str, float]:
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("train", overrides=[f"paths.data_dir={data_dir}", f"stage={stage}", f"run_dir={data_dir}/run",
+                                          "data.prepare.num_train=4000", "data.prepare.num_val=100",
+                                          "data.prepare.num_test=100", "data.prepare.samples_per_shard=500", *extra])
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    instantiate(data_cfg.pop("prepare"))
+    model, tokenizer = load_model(OmegaConf.to_container(cfg.model, resolve=True))
+    datamodule = instantiate(data_cfg)(processor=build_processor(model, tokenizer))
+    module = instantiate(cfg.stage, model=model, optim=OmegaConf.to_container(cfg.optim, resolve=True),
+                         _convert_="all")
+    timer = WaitTimer(warmup=WARMUP_BATCHES)
+    profiler = SimpleProfiler(dirpath=str(data_dir), filename=f"profile-{stage}")
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_cfg.update(max_steps=steps, limit_val_batches=0, enable_progress_bar=False)
+    trainer = instantiate(trainer_cfg, logger=False, callbacks=[timer], profiler=profiler,
+                          enable_checkpointing=False)
+    trainer.fit(module, datamodule=datamodule)
+    wait, step = sum(timer.waits), sum(timer.steps)
+    fetch = profiler.recorded_durations.get("[_TrainingEpochLoop].train_dataloader_next", [])[WARMUP_BATCHES + 1:]
+    batch = profiler.recorded_durations.get("run_training_batch", [])[WARMUP_BATCHES + 1:]
+    return {"share": wait / (wait + step), "wait_ms": 1e3 * wait / len(timer.waits),
+            "step_ms": 1e3 * step / len(timer.steps),
+            "profiler_share": sum(fetch) / (sum(fetch) + sum(batch)) if fetch and batch else float("nan"),
+            "workers": datamodule.num_workers, "batch": datamodule.batch_size}
+
+
+# ---------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batches", type=int, default=30, help="timed batches per round")
+    parser.add_argument("--steps", type=int, default=40, help="training steps per quickstart stage")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of the main process (default: "
+                        "torch's; on a busy 2-core machine 1 is far faster and steadier)")
+    parser.add_argument("--skip", choices=["throughput", "quickstart"], action="append", default=[])
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results: dict[str, dict[str, float]] = {}
+    shares: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        shapes = ensure_shapes(tmp / "shapes", num_train=4000, num_val=100, num_test=100, samples_per_shard=500)
+        if "throughput" not in args.skip:
+            with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+                cfg = compose("train", overrides=[f"paths.data_dir={tmp}", "model=tiny_tiled"])
+            model, tokenizer = load_model(OmegaConf.to_container(cfg.model, resolve=True))
+            quick = build_processor(model, tokenizer)
+            urls = [str(shapes / s) for s in (shapes / "train.txt").read_text().split()]
+            results["quickstart 64px PNG -> 5x16"] = throughput("quickstart", urls, "png", quick, args.workers,
+                                                              args.batches, args.rounds)
+            tokenizer = load_tokenizer(str(shapes / "tokenizer"))
+            large = Processor(tokenizer, ImageTransform(224, quick.image_transform.mean.flatten().tolist(),
+                                                        quick.image_transform.std.flatten().tolist()),
+                              tokens_per_image=64, max_length=512)
+            jpegs = jpeg_shards(shapes, tmp / "jpeg", 384)
+            results["384px JPEG -> 224"] = throughput("384px", jpegs, "jpg", large, args.workers, args.batches,
+                                                      args.rounds)
+        if "quickstart" not in args.skip:
+            # as conf/recipe/quickstart.yaml runs them (clip: its own model; the others: model=tiny_tiled)
+            quick_stages = {"clip": ["data.batch_size=64", "optim.lr=2e-3"],
+                            "lm": ["model=tiny_tiled", "optim.lr=1e-3"], "align": ["model=tiny_tiled", "optim.lr=1e-3"],
+                            "sft": ["model=tiny_tiled", "stage.trainable=[encoder,projector,decoder]", "optim.lr=5e-4"]}
+            for stage, extra in quick_stages.items():
+                shares[stage] = quickstart_share(tmp, stage, args.steps, extra)
+                print(f"  [quickstart {stage}] {shares[stage]}", flush=True)
+
+    print(f"\n{torch.get_num_threads()} torch threads; batch {BATCH}; {args.workers} workers; medians of "
+          f"{args.rounds} rounds")
+    if results:
+        print(f"{'images':28s} {'limit/s':>9s} {'full/s':>9s} {'ratio':>7s} {'0 workers/s':>12s}"
+              f" | CPU/sample: {'limit':>8s} {'full':>8s} {'ratio':>6s}")
+        for name, r in results.items():
+            print(f"{name:28s} {r['limit']:9.0f} {r['full']:9.0f} {r['ratio']:7.2f} {r['inprocess']:12.0f}"
+                  f" | {r['limit_cpu_us']:10.0f}us {r['full_cpu_us']:6.0f}us {r['cpu_ratio']:6.2f}"
+                  "   target ratio >= 0.8")
+        print("(ratio: wall-clock samples/s against limit x workers; CPU ratio: decode+resize CPU time against the "
+              "full pipeline's, workers and main process together = the ratio with a free core per worker)")
+    if shares:
+        print(f"\n{'quickstart stage':18s} {'wait/step':>10s} {'step':>9s} {'share':>7s} {'profiler':>9s}")
+        for stage, s in shares.items():
+            print(f"{stage:18s} {s['wait_ms']:8.1f}ms {s['step_ms']:7.1f}ms {100 * s['share']:6.1f}% "
+                  f"{100 * s['profiler_share']:8.1f}%   target < 5%")
+
+
+if __name__ == "__main__":
+    main()
