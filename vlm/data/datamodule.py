@@ -248,8 +248,11 @@ class DataModule(L.LightningDataModule):
     def val_dataloader(self) -> Any:
         if not self.val_urls:
             return []
-        rank, world = self._dist()
         self._prepare_schedule()
+        # Every rank reads the whole validation set (the same batches): split by shard, a rank could get fewer
+        # batches than another, or none (one val shard, two ranks), and under FSDP each forward is a collective,
+        # so the ranks would wait on each other forever. Validation is capped (trainer.limit_val_batches) anyway.
+        rank, world = 0, 1
         # more workers than shards would only idle; one pass in shard order keeps validation comparable
         workers = min(self.num_workers, len(self.val_urls))
         dataset = StreamDataset(

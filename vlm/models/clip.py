@@ -11,7 +11,6 @@ Model directory: `clip.yaml` (part specs from `export_config`, so loading never 
 
 from __future__ import annotations
 
-import os
 import shutil
 import uuid
 from collections.abc import Mapping, Sequence
@@ -31,6 +30,7 @@ from vlm.losses import (
     distributed_loss,
     siglip_loss,
 )
+from vlm.models.directory import instantiate_part as _instantiate, plain as _plain, swap_in as _swap_in
 from vlm.models.encoders.base import WEIGHTS_NAME, VisionEncoder
 from vlm.models.text_encoders import TextEncoder
 
@@ -320,26 +320,3 @@ def _special_ids(tokenizer: Any, config: Mapping[str, Any]) -> dict[str, int]:
     ids = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
            "eos_token_id": tokenizer.eos_token_id}
     return {k: v for k, v in ids.items() if v is not None and k in config}
-
-
-def _plain(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    from omegaconf import DictConfig, OmegaConf
-
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-
-
-def _instantiate(spec: Mapping[str, Any], **kwargs: Any) -> Any:
-    from hydra.utils import instantiate
-
-    return instantiate(spec, _convert_="all", **kwargs)
-
-
-def _swap_in(tmp: Path, directory: Path) -> None:
-    """Replace `directory` by the finished `tmp` so a reader never sees a half-written model directory."""
-    if not directory.exists():
-        os.replace(tmp, directory)
-        return
-    old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(directory, old)
-    os.replace(tmp, directory)
-    shutil.rmtree(old, ignore_errors=True)

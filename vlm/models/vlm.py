@@ -9,7 +9,6 @@ export work on it as on any LM. `attention="prefix"` lets the tokens of one imag
 from __future__ import annotations
 
 import functools
-import os
 import shutil
 import uuid
 from collections.abc import Mapping
@@ -22,6 +21,7 @@ from torch import nn
 
 from vlm.models.decoders import decoder_export_config
 from vlm.models.encoders.base import WEIGHTS_NAME, VisionEncoder
+from vlm.models.directory import instantiate_part as _instantiate, plain as _plain, swap_in as _swap_in
 
 IMAGE_TOKEN = "<image>"  # the placeholder of the tokens contract (vlm/data/tokens.py)
 CONFIG_NAME = "vlm.yaml"
@@ -229,26 +229,3 @@ def image_token_id_of(tokenizer: Any) -> int:
 
 def _embedding_dim(decoder: nn.Module) -> int:
     return int(decoder.get_input_embeddings().embedding_dim)
-
-
-def _plain(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    from omegaconf import DictConfig, OmegaConf
-
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-
-
-def _instantiate(spec: Mapping[str, Any], **kwargs: Any) -> Any:
-    from hydra.utils import instantiate
-
-    return instantiate(spec, _convert_="all", **kwargs)
-
-
-def _swap_in(tmp: Path, directory: Path) -> None:
-    """Replace `directory` by the finished `tmp` so a reader never sees a half-written model directory."""
-    if not directory.exists():
-        os.replace(tmp, directory)
-        return
-    old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(directory, old)
-    os.replace(tmp, directory)
-    shutil.rmtree(old, ignore_errors=True)
