@@ -11,8 +11,6 @@ Model directory: `clip.yaml` (part specs from `export_config`, so loading never 
 
 from __future__ import annotations
 
-import shutil
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +28,7 @@ from vlm.losses import (
     distributed_loss,
     siglip_loss,
 )
-from vlm.models.directory import instantiate_part as _instantiate, plain as _plain, swap_in as _swap_in
+from vlm.models.directory import instantiate_part as _instantiate, plain as _plain, write_model_directory
 from vlm.models.encoders.base import WEIGHTS_NAME, VisionEncoder
 from vlm.models.text_encoders import TextEncoder
 
@@ -185,24 +183,8 @@ class ClipModel(nn.Module):
 
     def save_pretrained(self, directory: str | Path, tokenizer: Any = None) -> Path:
         """Write `clip.yaml`, `model.safetensors` and the tokenizer; all or nothing (temp dir, then rename)."""
-        from omegaconf import OmegaConf
-        from safetensors.torch import save_model
-
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
         tokenizer = tokenizer if tokenizer is not None else self.tokenizer
-        tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            OmegaConf.save(OmegaConf.create(self.export_config()), tmp / CONFIG_NAME)
-            save_model(self, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(tmp))
-            _swap_in(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return directory
+        return write_model_directory(self, directory, self.export_config(), CONFIG_NAME, WEIGHTS_NAME, tokenizer)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> tuple[ClipModel, Any]:

@@ -31,3 +31,27 @@ def swap_in(tmp: Path, directory: Path) -> None:
     os.replace(directory, old)
     os.replace(tmp, directory)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def write_model_directory(
+    model: Any, directory: str | os.PathLike, config: Mapping[str, Any], config_name: str, weights_name: str,
+    tokenizer: Any = None,
+) -> Path:
+    """Config + safetensors weights (+ tokenizer), written into a temporary directory that is swapped in whole."""
+    from omegaconf import OmegaConf
+    from safetensors.torch import save_model
+
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        OmegaConf.save(OmegaConf.create(dict(config)), tmp / config_name)
+        save_model(model, str(tmp / weights_name), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        swap_in(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory

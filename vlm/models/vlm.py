@@ -9,8 +9,6 @@ export work on it as on any LM. `attention="prefix"` lets the tokens of one imag
 from __future__ import annotations
 
 import functools
-import shutil
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,7 @@ from torch import nn
 
 from vlm.models.decoders import decoder_export_config
 from vlm.models.encoders.base import WEIGHTS_NAME, VisionEncoder
-from vlm.models.directory import instantiate_part as _instantiate, plain as _plain, swap_in as _swap_in
+from vlm.models.directory import instantiate_part as _instantiate, plain as _plain, write_model_directory
 
 IMAGE_TOKEN = "<image>"  # the placeholder of the tokens contract (vlm/data/tokens.py)
 CONFIG_NAME = "vlm.yaml"
@@ -163,24 +161,7 @@ class VisionLanguageModel(nn.Module):
 
     def save_pretrained(self, directory: str | Path, tokenizer: Any = None) -> Path:
         """Write `vlm.yaml`, `model.safetensors` and the tokenizer; all or nothing (temp dir, then rename)."""
-        from omegaconf import OmegaConf
-        from safetensors.torch import save_model
-
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        spec = self.export_config()
-        tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            OmegaConf.save(OmegaConf.create(spec), tmp / CONFIG_NAME)
-            save_model(self, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(tmp))
-            _swap_in(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return directory
+        return write_model_directory(self, directory, self.export_config(), CONFIG_NAME, WEIGHTS_NAME, tokenizer)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> tuple[VisionLanguageModel, Any]:
