@@ -8,7 +8,6 @@ unmasked loss and, at its end, the stage's evaluation tasks (zero-shot classific
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -16,10 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning.pytorch.utilities import rank_zero_warn
+
 from vlm.models.masking import check_mask_ratio
 from vlm.stages.base import Stage
-
-log = logging.getLogger(__name__)
 
 
 class ClipStage(Stage):
@@ -97,8 +96,8 @@ class ClipStage(Stage):
             # the tasks call the model's methods on rank zero, outside the FSDP2 units' forward hooks that gather
             # the shards from every rank: they would wait forever. Evaluate the consolidated model directory.
             if not getattr(self, "_warned_fsdp_eval", False):
-                log.warning("[%s] zero-shot/retrieval checks are skipped under FSDP; run evaluate.py "
-                            "task=zeroshot model_dir=<run>/model after the stage", self.stage_name)
+                rank_zero_warn(f"[{self.stage_name}] zero-shot/retrieval checks are skipped under FSDP; run "
+                               "evaluate.py task=zeroshot model_dir=<run>/model after the stage")
                 self._warned_fsdp_eval = True  # once per run, not per validation
             return
         if not self.trainer.is_global_zero:
