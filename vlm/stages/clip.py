@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-
 from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
 
 from vlm.models.masking import check_mask_ratio
 from vlm.stages.base import Stage
