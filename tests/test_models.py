@@ -134,6 +134,35 @@ def test_forward_gives_a_loss_and_passes_position_ids() -> None:
     assert out.past_key_values is None  # training forward builds no KV cache unless asked
 
 
+@pytest.mark.parametrize("masked_logits", [True, False])
+def test_next_token_loss_equals_the_full_logits_loss(masked_logits: bool) -> None:
+    """Logits at the labelled positions only (or the fallback for decoders without a boolean `logits_to_keep`)
+    give the same loss and the same gradients as Hugging Face's loss over the full logits."""
+    model, tokenizer = tiny_model()
+    model.train()
+    row = ids_with_images(model, tokenizer, ["what", 1, "colour", "is", "the", "circle", "?", "red", "a"])[0]
+    ids = torch.stack([row, row.roll(-3)])
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0  # right padding in the second row
+    labels = torch.full_like(ids, -100)
+    labels[0, -2:] = ids[0, -2:]  # an answer at the end
+    labels[1, 3:5] = ids[1, 3:5]  # and one in the middle
+    pixels = torch.randn(2, 3, 16, 16)
+
+    def loss_and_grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    reference, reference_grads = loss_and_grads(model(ids, mask, pixels, labels=labels).loss)
+    model._masked_logits = masked_logits
+    loss, grads = loss_and_grads(model.next_token_loss(ids, labels, mask, pixels))
+    torch.testing.assert_close(loss, reference)
+    assert len(grads) == len(reference_grads)
+    for got, want in zip(grads, reference_grads):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+
+
 # ---- attention masks ----------------------------------------------------------------------------------------------
 def test_prefix_mask_exact_values() -> None:
     model, _ = tiny_model("prefix")

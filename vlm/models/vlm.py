@@ -24,6 +24,7 @@ from vlm.models.directory import instantiate_part as _instantiate, plain as _pla
 IMAGE_TOKEN = "<image>"  # the placeholder of the tokens contract (vlm/data/tokens.py)
 CONFIG_NAME = "vlm.yaml"
 ATTENTIONS = ("causal", "prefix")
+IGNORE_INDEX = -100  # label of tokens that carry no loss (the processor's and Hugging Face's convention)
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 
 
@@ -46,6 +47,7 @@ class VisionLanguageModel(nn.Module):
         self.encoder, self.projector, self.decoder = encoder, projector, decoder
         self.image_token_id = int(image_token_id)
         self.attention = attention
+        self._masked_logits = True  # the decoder takes a boolean `logits_to_keep` (next_token_loss checks)
         self.config: dict[str, Any] = {**dict(config or {}), "attention": attention}
 
     # ---- building -------------------------------------------------------------------------------------------
@@ -145,6 +147,30 @@ class VisionLanguageModel(nn.Module):
             labels=labels,
             **decoder_kwargs,
         )
+
+    def next_token_loss(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Mean next-token cross-entropy over the labelled tokens: `forward(..., labels=labels).loss`, but the
+        decoder's LM head runs only at the positions whose next token is labelled (`logits_to_keep` as a boolean
+        mask). With loss on assistant replies only that is a small share of the sequence, and the (B, L, vocab)
+        logits are never built: less compute, and far less memory for a large vocabulary."""
+        targets = labels[:, 1:]
+        labelled = targets != IGNORE_INDEX
+        keep = F.pad(labelled, (0, 1), value=False)  # position i predicts token i + 1
+        expected = (int(labelled.sum()), self.decoder.get_output_embeddings().out_features)
+        logits = None
+        if self._masked_logits:
+            logits = self(input_ids, attention_mask, pixel_values, logits_to_keep=keep).logits
+            if tuple(logits.shape) != expected:  # a decoder without boolean `logits_to_keep` (older model code)
+                self._masked_logits, logits = False, None
+        if logits is None:
+            logits = self(input_ids, attention_mask, pixel_values).logits[keep]
+        return F.cross_entropy(logits.float(), targets[labelled])
 
     # ---- model directory ------------------------------------------------------------------------------------
     def export_config(self) -> dict[str, Any]:

@@ -58,13 +58,18 @@ class GenerativeStage(Stage):
             labels=batch["labels"],
         )
 
+    def loss(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """The next-token loss over the batch's labelled tokens (logits computed only where they count)."""
+        return self.model.next_token_loss(batch["input_ids"], batch["labels"], batch["attention_mask"],
+                                          batch.get("pixel_values"))
+
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self(batch).loss
+        loss = self.loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        loss = self(batch).loss
+        loss = self.loss(batch)
         self.log("val/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
 
     def export(self, directory: str | Path, tokenizer: Any = None) -> Path:
