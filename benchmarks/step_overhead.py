@@ -59,7 +59,7 @@ def bare_loop(model: torch.nn.Module, batches: list[dict]) -> float:
     for i, batch in enumerate(batches):
         if i == WARMUP:
             start = time.perf_counter()
-        loss = stage(batch).loss
+        loss = stage.loss(batch)  # the same loss computation as training_step
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
