@@ -17,6 +17,22 @@ def _concat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat(list(tensors))
 
 
+class Parts:
+    """Tensors to be concatenated along dim 0, left unconcatenated (`Collator(..., lazy=True)`): `pack_batch` writes
+    them straight into the shared buffer, saving the copy a concatenation would make."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor]):
+        self.tensors = list(tensors)  # as they are: pack_batch copies strided ones in one pass
+        first = self.tensors[0]
+        if any(t.dtype != first.dtype or t.shape[1:] != first.shape[1:] for t in self.tensors):
+            raise ValueError("Parts: tensors differ in dtype or trailing shape")
+        self.dtype = first.dtype
+        self.shape = (sum(t.shape[0] for t in self.tensors), *first.shape[1:])
+
+    def materialize(self) -> torch.Tensor:
+        return _concat(self.tensors)
+
+
 class Collator:
     """Pads `input_ids` with `pad_token_id` and `labels` with -100; the attention mask is zero on padding only
     (it is built from lengths, so a pad id that also occurs in the text is still attended). `pixel_values` of all
@@ -39,7 +55,9 @@ class Collator:
                 out[i, length - len(row) :] = row
         return out
 
-    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    def __call__(self, samples: Sequence[dict[str, Any]], lazy: bool = False) -> dict[str, Any]:
+        """lazy: `pixel_values` as `Parts` (for `vlm.data.stream.pack_batch`, which concatenates them into shared
+        memory) instead of one tensor."""
         if not samples:
             raise ValueError("cannot collate an empty batch")
         ids = [s["input_ids"] for s in samples]
@@ -52,6 +70,7 @@ class Collator:
             batch["labels"] = self._pad([s["labels"] for s in samples], IGNORE_INDEX, length)
         pixels = [s["pixel_values"] for s in samples if s.get("pixel_values") is not None]
         if pixels:
-            batch["pixel_values"] = _concat(pixels)
+            batch["pixel_values"] = (
+                Parts(pixels) if lazy and all(p.device.type == "cpu" for p in pixels) else _concat(pixels))
         batch["keys"] = [str(s.get("key", "")) for s in samples]
         return batch

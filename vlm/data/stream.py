@@ -21,13 +21,16 @@ import itertools
 import logging
 import math
 import multiprocessing
+import os
 import random
+import weakref
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from vlm.data.collate import Collator, Parts
 from vlm.data.pipeline import (
     SampleFn, SkipCounter, Source, mix_samples, raw_samples, shard_assignment,
 )
@@ -36,28 +39,147 @@ from vlm.data.resolution import ProcessorSizes, ResolutionSchedule
 log = logging.getLogger(__name__)
 
 _HEADER = ("epoch", "base", "rotation", "remaining", "image_size", "salt")
-def pack_batch(batch: dict[str, Any]) -> dict[str, Any]:
-    """In a worker: every CPU tensor of the batch copied into one shared-memory buffer.
+
+# ---------------------------------------------------------------- batch hand-over through shared memory
+
+_ALIGN = 64          # every tensor of a packed buffer starts at a multiple of this (any dtype's alignment)
+_POOL_SIZE = 6       # shared buffers a worker keeps for reuse (batches in flight: prefetch_factor, plus those held)
+
+
+def _new_shared(nbytes: int) -> torch.Tensor:
+    """A uint8 tensor of `nbytes` in fresh shared memory (no zero-filled copy first, as `share_memory_` makes)."""
+    return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(nbytes))
+
+
+class _BufferPool:
+    """A worker's shared-memory buffers, reused once the main process has let go of the batch in them.
+
+    Fresh shared memory costs a page fault per 4 KiB page on first write (about 15 ms for the 19 MB of a batch of
+    32 images at 224 px, as much as the tensors' copy ten times over); a reused buffer is already mapped. Byte 0 of
+    each buffer says who holds it: 1 from `take` in the worker until the main process drops every tensor of the
+    batch (`_Lease`), then 0. A buffer still held is never written; when none is free a new one is made, and a
+    full pool forgets its oldest (still held by the main process, e.g. a batch kept in a list: freed there when
+    dropped, just not reused).
+    """
+
+    def __init__(self, size: int = _POOL_SIZE):
+        self.size = size
+        self.buffers: list[torch.Tensor] = []
+        self.pid = os.getpid()
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """A buffer of at least `nbytes` (header included), marked held."""
+        if self.pid != os.getpid():  # a forked worker: its parent's buffers are shared with the parent, not its own
+            self.buffers, self.pid = [], os.getpid()
+        free = [b for b in self.buffers if b.numpy()[0] == 0]
+        fitting = [b for b in free if b.numel() >= nbytes]
+        if fitting:
+            chosen = min(fitting, key=lambda b: b.numel())
+        else:
+            # free ones are all too small: they would only ever be passed over
+            self.buffers = [b for b in self.buffers if not any(b is f for f in free)]
+            if len(self.buffers) >= self.size:
+                self.buffers.pop(0)
+            # slack for the next batches' longer texts or extra tiles, in whole pages
+            chosen = _new_shared(-(-(nbytes + nbytes // 8) // 4096) * 4096)
+            self.buffers.append(chosen)
+        chosen.numpy()[0] = 1
+        return chosen
+
+
+_POOL = _BufferPool()
+
+
+class _Lease:
+    """Held (through numpy's `base`) by every tensor `unpack_batch` makes from one buffer; when the last of them
+    is gone, byte 0 of the buffer is set to 0 and the worker may write the buffer again."""
+
+    def __init__(self, buffer: torch.Tensor):
+        self.__array_interface__ = {"data": (buffer.data_ptr(), False), "shape": (buffer.numel(),),
+                                    "typestr": "|u1", "version": 3}
+        self.buffer = buffer
+        weakref.finalize(self, _release, buffer[:1].numpy())
+
+
+def _release(flag: np.ndarray) -> None:
+    flag[0] = 0
+
+
+class _Packed:
+    """A packed batch's buffer and layout. Pickled (worker -> main) as the buffer (torch shares its memory by file
+    descriptor) and the layout; the receiving side takes the lease, so dropping a batch unread also frees it."""
+
+    def __init__(self, buffer: torch.Tensor, layout: list[tuple], order: list[str]):
+        self.buffer, self.layout, self.order = buffer, layout, order
+
+    def __reduce__(self) -> tuple:
+        return _received, (self.buffer, self.layout, self.order)
+
+    def pin_memory(self, device: Any = None) -> "_Packed":
+        """DataLoader(pin_memory=True): the whole buffer copied to pinned memory at once (the shared one is
+        released when this object goes)."""
+        pinned = self.buffer.pin_memory() if device is None else self.buffer.pin_memory(device)
+        return _Packed(pinned, self.layout, self.order)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        lease = getattr(self, "lease", None)
+        if lease is None and self.buffer.is_shared():  # unpacked in the process that packed it
+            lease = self.lease = _Lease(self.buffer)
+        raw = np.asarray(lease) if lease is not None else self.buffer.numpy()
+        out = {}
+        for key, start, dtype, shape in self.layout:
+            size = math.prod(shape) * _itemsize(dtype)
+            out[key] = torch.from_numpy(raw[start : start + size]).view(dtype).view(shape)
+        return out
+
+
+def _received(buffer: torch.Tensor, layout: list[tuple], order: list[str]) -> _Packed:
+    packed = _Packed(buffer, layout, order)
+    packed.lease = _Lease(buffer)
+    return packed
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _is_cpu_tensor(value: Any) -> bool:
+    return isinstance(value, Parts) or (isinstance(value, torch.Tensor) and value.device.type == "cpu")
+
+
+def pack_batch(batch: dict[str, Any], pool: _BufferPool | None = None) -> dict[str, Any]:
+    """In a worker: every CPU tensor of the batch (and `Parts`) copied into one shared-memory buffer.
 
     torch's default hand-over shares each tensor separately, and each costs a round trip to the worker over a
     socket to pass its file descriptor; on a busy machine that is milliseconds per tensor, several per batch.
-    One buffer costs one round trip. `unpack_batch` (in `StreamLoader`) gives back views of it, zero-copy.
+    One buffer costs one round trip. Buffers come from the worker's pool (reused once the main process has
+    dropped the batch's tensors). `unpack_batch` (in `StreamLoader`) gives back views of it, zero-copy.
     """
-    tensors = [(k, v) for k, v in batch.items() if isinstance(v, torch.Tensor) and v.device.type == "cpu"]
-    if len(tensors) < 2:
+    tensors = [(k, v) for k, v in batch.items() if _is_cpu_tensor(v)]
+    if not tensors:
         return batch
-    layout, offset = [], 0
+    layout, offset = [], _ALIGN  # bytes before the first tensor: the buffer's header (byte 0: held flag)
     for key, value in tensors:
-        offset = -(-offset // 64) * 64  # aligned for any dtype
+        offset = -(-offset // _ALIGN) * _ALIGN
         layout.append((key, offset, value.dtype, tuple(value.shape)))
-        offset += value.numel() * value.element_size()
-    buffer = torch.empty(offset, dtype=torch.uint8).share_memory_()
+        offset += math.prod(value.shape) * _itemsize(value.dtype)
+    buffer = (pool or _POOL).take(offset)
     raw = buffer.numpy()
-    for (key, start, _, _), (_, value) in zip(layout, tensors):
-        data = value.contiguous().reshape(-1).numpy().view(np.uint8)
-        raw[start : start + data.size] = data  # numpy: one thread, a plain copy
-    packed = {k: v for k, v in batch.items() if not isinstance(v, torch.Tensor) or v.device.type != "cpu"}
-    packed["__packed__"] = (buffer, layout, list(batch))
+    for (key, start, dtype, _), (_, value) in zip(layout, tensors):
+        for part in value.tensors if isinstance(value, Parts) else [value]:
+            size = part.numel() * _itemsize(dtype)
+            target = raw[start : start + size]
+            if part.is_contiguous():  # numpy: one thread, a plain copy
+                target[:] = part.reshape(-1).view(torch.uint8).numpy()
+            else:  # one strided copy straight into place, not .contiguous() and then a copy
+                target = torch.from_numpy(target).view(dtype).view(part.shape)
+                try:
+                    np.copyto(target.numpy(), part.numpy())
+                except TypeError:  # a dtype numpy lacks (bfloat16)
+                    target.copy_(part)
+            start += size
+    packed = {k: v for k, v in batch.items() if not _is_cpu_tensor(v)}
+    packed["__packed__"] = _Packed(buffer, layout, list(batch))
     return packed
 
 
@@ -65,12 +187,9 @@ def unpack_batch(batch: Any) -> Any:
     """The batch `pack_batch` packed, its tensors as views of the shared buffer, keys in their order."""
     if not isinstance(batch, dict) or "__packed__" not in batch:
         return batch
-    buffer, layout, order = batch.pop("__packed__")
-    tensors = {}
-    for key, start, dtype, shape in layout:
-        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        tensors[key] = buffer[start : start + size].view(dtype).view(shape)
-    return {k: tensors[k] if k in tensors else batch[k] for k in order}
+    packed = batch.pop("__packed__")
+    tensors = packed.tensors()
+    return {k: tensors[k] if k in tensors else batch[k] for k in packed.order}
 
 
 class StreamState:
@@ -220,7 +339,10 @@ class StreamDataset(IterableDataset):
                     break
             if not samples:
                 return
-            batch = self.collate(samples)
+            if info is not None and isinstance(self.collate, Collator):  # pixels go straight to shared memory
+                batch = self.collate(samples, lazy=True)
+            else:
+                batch = self.collate(samples)
             batch["stream"] = {
                 "worker": stream,
                 "epoch": epoch,
