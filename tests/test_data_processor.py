@@ -221,3 +221,25 @@ def test_fast_paths_agree_with_the_tokenizer_and_fall_back(tokenizer, monkeypatc
     other = ChatRenderer(tokenizer)
     assert other(messages).startswith("<sys>") and not other._direct
     assert other(messages).startswith("<sys>")
+
+
+def test_direct_render_matches_the_wrapper_unchecked(tokenizer, monkeypatch) -> None:
+    """The direct render (no checks against the wrapper at all) on a template with top-level `set`s, a namespace,
+    filters, special tokens and a global: the same text as `apply_chat_template`, call after call."""
+    from vlm.data.processor import ChatRenderer
+
+    template = (
+        "{% set ns = namespace(n=0) %}{% set sep = '|' %}{% for m in messages %}{% set ns.n = ns.n + 1 %}"
+        "{{ bos_token or '' }}{{ m['role'] }}{{ sep }}{{ m['content'] | trim }}#{{ ns.n }}{{ eos_token }}\n"
+        "{% endfor %}{% if add_generation_prompt %}assistant|{% endif %}"
+        "{% if messages | length > 9 %}{{ raise_exception('too long') }}{% endif %}"
+    )
+    monkeypatch.setattr(tokenizer, "chat_template", template)
+    renderer = ChatRenderer(tokenizer, checks=0)
+    conversations = [two_turns().messages, two_turns().messages[:2], [{"role": "user", "content": "  hi  "}]]
+    for messages in conversations * 2:
+        for generation in (False, True):
+            text = renderer(messages, generation)
+            assert text == tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+            assert text.count("#") == len(messages)
+    assert renderer._direct
