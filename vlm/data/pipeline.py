@@ -7,10 +7,13 @@ per-reason counter in shared memory, so the counts from DataLoader workers are v
 from __future__ import annotations
 
 import glob
+import itertools
 import logging
 import multiprocessing
 import os
 import random
+import re
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -19,7 +22,7 @@ import webdataset as wds
 from PIL import Image
 from webdataset.filters import _shuffle as _wds_shuffle
 from webdataset.shardlists import expand_urls as _wds_expand
-from webdataset.tariterators import tarfile_samples
+from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
 from vlm.data.formats import SkipSample, decode_sample, to_record
 from vlm.data.processor import TruncationError
@@ -248,6 +251,147 @@ def shard_assignment(urls: Sequence[str], rank: int, world_size: int, worker: in
     return list(urls)[rank::world_size][worker::num_workers]
 
 
+# ---------------------------------------------------------------- tar reading
+
+
+class _Irregular(Exception):
+    """Something in a tar file the fast reader leaves to `tarfile` (see `tar_files`)."""
+
+
+_OCTAL = re.compile(rb" *[0-7]* *(?:\x00.*)?", re.S)  # a numeric header field as tarfile reads it (stricter)
+_NUMERIC = ((100, 108), (108, 116), (116, 124), (124, 136), (136, 148), (148, 156), (329, 337), (337, 345))
+_PAX_RECORD = re.compile(rb"(\d+) ([^=]+)=")
+_SKIP_META = re.compile(r"__[^/]*__($|/)")  # webdataset's tar_file_iterator default
+_REGULAR, _SPECIAL = (b"0", b"\x00", b"7"), (b"1", b"2", b"3", b"4", b"5", b"6")
+
+
+def _nts(field: bytes) -> str:
+    end = field.find(b"\x00")
+    return (field if end < 0 else field[:end]).decode(tarfile.ENCODING, "surrogateescape")
+
+
+def _octal(header: bytes, start: int, end: int) -> int:
+    value = header[start:end].split(b"\x00", 1)[0].strip()
+    return int(value, 8) if value else 0
+
+
+def _check_numeric(header: bytes) -> None:
+    """Every numeric field tarfile parses is one it would accept (octal digits between spaces, up to a NUL)."""
+    fields = header[100:156] + header[329:345]
+    if fields.translate(None, b"01234567\x00") and not all(_OCTAL.fullmatch(header, a, b) for a, b in _NUMERIC):
+        raise _Irregular("numeric field")  # (the common case, digits and NULs only, needs no regex)
+
+
+def _pax(data: bytes) -> dict[str, str]:
+    records, pos = {}, 0
+    while pos < len(data) and data[pos] != 0:
+        match = _PAX_RECORD.match(data, pos)
+        if not match or int(match.group(1)) <= match.end() - pos:
+            raise _Irregular("pax record")
+        end = pos + int(match.group(1))
+        if end > len(data) or data[end - 1] != 0x0A:
+            raise _Irregular("pax record")
+        try:
+            records[match.group(2).decode("utf-8")] = data[match.end() : end - 1].decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Irregular("pax encoding") from None
+        pos = end
+    if pos < len(data) and data[pos:].strip(b"\x00"):
+        raise _Irregular("pax trailer")
+    if "hdrcharset" in records or any(k.startswith("GNU.sparse") for k in records):
+        raise _Irregular("pax sparse or charset")
+    return records
+
+
+def _read_members(stream: Any) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of the regular members of an uncompressed tar stream that webdataset keeps, exactly as
+    `tarfile` in stream mode and webdataset's `tar_file_iterator` give them; raises `_Irregular` at anything
+    else (compression, sparse or global headers, a bad checksum, a truncated file, odd numeric fields)."""
+    offset, long_name, pax = 0, None, None
+    while True:
+        header = stream.read(512)
+        if len(header) < 512 or not header.strip(b"\x00"):
+            if offset == 0 or long_name is not None or pax is not None or 0 < len(header) < 512:
+                raise _Irregular("empty, truncated or ends inside an entry")
+            return  # end of archive (or of the file) after a member, as tarfile stops there
+        _check_numeric(header)
+        if _octal(header, 148, 156) != sum(header) - sum(header[148:156]) + 256:
+            raise _Irregular("checksum")
+        size, kind, name = _octal(header, 124, 136), header[156:157], _nts(header[:100])
+        offset += 512
+        if kind in (b"x", b"L"):
+            data = stream.read(size + (-size % 512))
+            if len(data) < size + (-size % 512) or long_name is not None or pax is not None:
+                raise _Irregular("extended header")
+            offset += len(data)
+            if kind == b"x":
+                pax = _pax(data[:size])
+            else:
+                long_name = _nts(data[:size])
+            continue
+        if kind not in _REGULAR and kind not in _SPECIAL:
+            raise _Irregular(f"member type {kind!r}")
+        if kind == b"\x00" and name.endswith("/"):
+            kind = b"5"
+        if kind == b"5":
+            name = name.rstrip("/")
+        prefix = _nts(header[345:500])
+        if prefix:
+            name = prefix + "/" + name
+        if long_name is not None:
+            name, long_name = long_name, None
+        if pax is not None:
+            if "size" in pax:
+                if not (pax["size"].isascii() and pax["size"].isdigit()):
+                    raise _Irregular("pax size")
+                size = int(pax["size"])
+            if "path" in pax:
+                name = pax["path"].rstrip("/")
+            pax = None
+        if kind in _SPECIAL:
+            if size:
+                raise _Irregular("special member with data")
+            continue
+        data = stream.read(size)
+        padding = stream.read(-size % 512)
+        if len(data) < size or len(padding) < -size % 512:
+            raise _Irregular("truncated member")
+        offset += size + len(padding)
+        if "/" not in name and name.startswith("__") and name.endswith("__"):
+            continue
+        if _SKIP_META.match(name):
+            continue
+        yield name, data
+
+
+def tar_files(urls: Iterable[str], handler: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
+    """webdataset's `tar_file_expander(url_opener(...))` (file dicts, `{}` after each shard), several times faster
+    for local shards: their headers are parsed here instead of by Python's `tarfile` (which spent ~25 us per
+    member). Anything the parser does not handle plainly (compressed or unreadable shards, sparse members, a bad
+    header, a truncated file) hands the shard to webdataset from its start, skipping the files already yielded,
+    so the files and the exceptions the handler sees are webdataset's in every case."""
+    for url in urls:
+        done = 0
+        if _plain_path(url):
+            try:
+                with open(url, "rb") as stream:
+                    for name, data in _read_members(stream):
+                        yield {"fname": name, "data": data, "__url__": url}
+                        done += 1
+                yield {}
+                continue
+            except (_Irregular, OSError):
+                pass
+        files = tar_file_expander(url_opener([{"url": url}], handler=handler), handler=handler)
+        yield from itertools.islice(files, done, None)
+
+
+def _plain_path(url: str) -> bool:
+    """A local file webdataset would open as it is (no scheme, no URL rewriting)."""
+    return ("://" not in url and not url.startswith(("pipe:", "file:")) and url != "-"
+            and not os.environ.get("GOPEN_REWRITE"))
+
+
 def raw_samples(
     urls: Iterable[str],
     counter: SkipCounter,
@@ -258,7 +402,8 @@ def raw_samples(
 
     Unreadable shards and tar members are counted as `read_error` and skipped.
     """
-    samples = tarfile_samples((dict(url=u) for u in urls), handler=counter.handler("read_error"))
+    handler = counter.handler("read_error")
+    samples = group_by_keys(tar_files(urls, handler), handler=handler)
     if shuffle_buffer and shuffle_buffer > 1:
         samples = _wds_shuffle(iter(samples), shuffle_buffer, min(shuffle_buffer, 100), rng=rng or random.Random(0))
     return iter(samples)

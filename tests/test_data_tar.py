@@ -1,0 +1,137 @@
+"""The fast tar reader gives webdataset's samples and skips exactly, on regular and on broken shards."""
+from __future__ import annotations
+
+import gzip
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+from webdataset.tariterators import group_by_keys, tarfile_samples
+
+import vlm.data.pipeline as pipeline
+from vlm.data.pipeline import tar_files
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE, **extra) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data) if kind == tarfile.REGTYPE else 0
+    info.type = kind
+    info.mtime = 1_700_000_000.5
+    for key, value in extra.items():
+        setattr(info, key, value)
+    tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+
+
+def _members(tar: tarfile.TarFile, tag: str) -> None:
+    long_dir = "d" * 80 + "/" + "e" * 60  # over 100 characters: GNU long name, ustar prefix or pax path
+    _add(tar, "dir", kind=tarfile.DIRTYPE)
+    _add(tar, f"{tag}0.txt", b"first " + tag.encode())
+    _add(tar, f"{tag}0.JSON", b'{"a": 1}')
+    _add(tar, f"{tag}0.png", bytes(range(256)) * 3)
+    _add(tar, "__meta__", b"skipped by webdataset")
+    _add(tar, "x/__cache__/y.txt", b"skipped by the meta pattern")
+    _add(tar, "link", kind=tarfile.SYMTYPE, linkname=f"{tag}0.txt")
+    _add(tar, f"{long_dir}/{tag}1.txt", b"")  # empty member
+    _add(tar, f"{long_dir}/{tag}1.cls", b"7")
+    _add(tar, f"sub/{tag}2.txt", "ünïcode".encode() * 100)
+    _add(tar, f"sub/{tag}2.seg.png", b"\x00" * 512)  # multi-dot extension, data exactly one block
+
+
+def _write(path: Path, fmt: int, tag: str) -> str:
+    with tarfile.open(path, "w", format=fmt) as tar:
+        _members(tar, tag)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("tars")
+    out = {
+        "gnu": _write(root / "gnu.tar", tarfile.GNU_FORMAT, "g"),
+        "ustar": _write(root / "ustar.tar", tarfile.USTAR_FORMAT, "u"),
+        "pax": _write(root / "pax.tar", tarfile.PAX_FORMAT, "p"),
+    }
+    with wds.TarWriter(str(root / "writer.tar")) as sink:  # what our converters write (pax headers for mtime)
+        for i in range(5):
+            sink.write({"__key__": f"s{i:03d}", "txt": f"caption {i}".encode(), "jpg": bytes([i]) * (700 + i)})
+    out["writer"] = str(root / "writer.tar")
+    data = Path(out["gnu"]).read_bytes()
+    (root / "gz.tar.gz").write_bytes(gzip.compress(data))
+    out["gzip"] = str(root / "gz.tar.gz")
+    (root / "empty.tar").write_bytes(b"")
+    out["empty"] = str(root / "empty.tar")
+    (root / "cut_data.tar").write_bytes(data[: 512 * 9 + 100])  # inside a member's data
+    out["cut_data"] = str(root / "cut_data.tar")
+    (root / "cut_header.tar").write_bytes(data[: 512 * 6 + 300])  # inside a header
+    out["cut_header"] = str(root / "cut_header.tar")
+    broken = bytearray(Path(out["writer"]).read_bytes())
+    with tarfile.open(out["writer"]) as tar:
+        fourth = tar.getmembers()[3].offset  # its (pax) header
+    broken[fourth + 10] ^= 0x55  # a later member's name: its checksum fails
+    (root / "bad_checksum.tar").write_bytes(bytes(broken))
+    out["bad_checksum"] = str(root / "bad_checksum.tar")
+    spaces = bytearray(Path(out["ustar"]).read_bytes())
+    with tarfile.open(out["ustar"]) as tar:
+        start = tar.getmembers()[2].offset  # the header of a regular member
+    spaces[start + 100 : start + 108] = b"   644 \x00"  # an old-style numeric field, valid
+    bad = bytearray(spaces)
+    bad[start + 100 : start + 108] = b"  6 44 \x00"  # one tarfile rejects
+    for buf in (spaces, bad):
+        buf[start + 148 : start + 156] = b"        "
+        buf[start + 148 : start + 156] = b"%06o\x00 " % sum(buf[start : start + 512])
+    (root / "spaces.tar").write_bytes(bytes(spaces))
+    (root / "bad_field.tar").write_bytes(bytes(bad))
+    out["spaces"], out["bad_field"] = str(root / "spaces.tar"), str(root / "bad_field.tar")
+    out["missing"] = str(root / "missing.tar")
+    return out
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def __call__(self, exn: Exception) -> bool:
+        self.seen.append(type(exn).__name__)
+        return True
+
+
+def _both(urls: list[str]) -> tuple[list, list, list, list]:
+    ours, theirs = _Recorder(), _Recorder()
+    fast = list(group_by_keys(tar_files(urls, ours), handler=ours))
+    reference = list(tarfile_samples((dict(url=u) for u in urls), handler=theirs))
+    return fast, reference, ours.seen, theirs.seen
+
+
+REGULAR = ["gnu", "ustar", "pax", "writer", "spaces"]
+IRREGULAR = ["gzip", "empty", "cut_data", "cut_header", "bad_checksum", "bad_field", "missing"]
+
+
+@pytest.mark.parametrize("name", REGULAR + IRREGULAR)
+def test_same_samples_and_skips_as_webdataset(shards, name, monkeypatch) -> None:
+    fallbacks = []
+    real = pipeline.tar_file_expander
+    monkeypatch.setattr(pipeline, "tar_file_expander", lambda *a, **k: fallbacks.append(1) or real(*a, **k))
+    fast, reference, ours, theirs = _both([shards[name]])
+    assert fast == reference
+    assert ours == theirs
+    assert len(fallbacks) == (name in IRREGULAR)  # regular shards never touch tarfile
+    if name in REGULAR:
+        assert len(fast) >= 3
+
+
+def test_a_stream_of_mixed_shards(shards) -> None:
+    urls = [shards[n] for n in ["writer", "cut_data", "gnu", "missing", "bad_checksum", "pax", "empty", "writer"]]
+    fast, reference, ours, theirs = _both(urls)
+    assert fast == reference and ours == theirs
+    assert [s["__key__"] for s in fast[:5]] == [f"s{i:03d}" for i in range(5)]
+    assert {"txt", "json", "png"} <= set(next(s for s in fast if s["__key__"] == "g0"))
+
+
+def test_raw_samples_reads_through_the_fast_reader(shards, monkeypatch) -> None:
+    monkeypatch.setattr(pipeline, "tar_file_expander", lambda *a, **k: pytest.fail("fell back to tarfile"))
+    counter = pipeline.SkipCounter()
+    samples = list(pipeline.raw_samples([shards["writer"], shards["pax"]], counter))
+    assert [s["__key__"] for s in samples[:5]] == [f"s{i:03d}" for i in range(5)]
+    assert samples[0]["jpg"] == b"\x00" * 700 and not counter.counts()
