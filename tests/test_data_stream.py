@@ -268,3 +268,43 @@ def test_data_configs_instantiate(shapes, processor, data) -> None:
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape[0] == 8 and (batch["labels"] != -100).any()
     assert len(next(iter(dm.val_dataloader()))["keys"]) == 8
+
+
+def test_two_phase_processing_equals_one_by_one(tmp_path, processor, monkeypatch) -> None:
+    """Images per sample, then the batch's text in a row (`Processor.prepare` / `finish`): the same batches, raw
+    positions and skips as processing each sample whole, with bad samples failing in either phase."""
+    from vlm.data.pipeline import SampleFn
+
+    urls = []
+    for shard in range(4):  # 5 good samples each: 6 full batches and a partial one
+        path = tmp_path / f"mixed-{shard:06d}.tar"
+        with wds.TarWriter(str(path)) as sink:
+            for j in range(11):
+                png = _png(shard * 11 + j)
+                sample = {"__key__": f"m{shard}-{j}", "png": png[:30] if j % 5 == 2 else png}  # decode fails
+                if j % 4 != 3:  # else: no json, the record fails
+                    words = 300 if j % 3 == 0 else 2  # no reply left within max_length 128: the text phase fails
+                    question = " ".join(f"w{shard}{j}" for _ in range(words))
+                    turns = [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": f"a{j}"}]
+                    sample["json"] = json.dumps({"conversations": turns}).encode()
+                sink.write(sample)
+        urls.append(str(path))
+
+    def run() -> tuple[list[dict], dict]:
+        dm = DataModule(processor, urls, format="conversation", batch_size=3, num_workers=0, shuffle_buffer=5,
+                        resampled=False, shardshuffle=True, seed=3)
+        return list(dm.train_dataloader()), dm.skipped()
+
+    sizes: list[int] = []
+    finish = Processor.finish
+    monkeypatch.setattr(Processor, "finish", lambda self, items: sizes.append(len(items)) or finish(self, items))
+    batches, skipped = run()
+    assert max(sizes) == 3 and min(sizes) < 3  # whole batches at once, and refills after text failures
+    assert skipped.get("too_long") and skipped.get("corrupt_image") and skipped.get("missing_json")
+
+    monkeypatch.setattr(SampleFn, "prepare", lambda self, sample, processor=None: (None, self(sample, processor)))
+    reference, reference_skipped = run()
+    assert skipped == reference_skipped
+    assert len(batches) == len(reference) and len(batches[-1]["keys"]) < 3  # the partial last batch too
+    for a, b in zip(batches, reference):
+        assert _same(a, b) and torch.equal(a["labels"], b["labels"])

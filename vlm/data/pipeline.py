@@ -216,6 +216,16 @@ class SampleFn:
         record = to_record(decoded, self.format, self.caption_prompts, self.caption_field)
         return (processor or self.processor)(record)
 
+    def prepare(self, sample: dict[str, Any], processor: Callable[[Any], dict[str, Any]] | None = None) -> Any:
+        """The first half of the call, for processors that split theirs (`Processor.prepare` / `finish`): returns
+        (processor, prepared), its `finish` still to run; other processors run whole: (None, result)."""
+        decoded = decode_sample(sample, images=self.format != "text")
+        record = to_record(decoded, self.format, self.caption_prompts, self.caption_field)
+        processor = processor or self.processor
+        if callable(getattr(processor, "prepare", None)) and callable(getattr(processor, "finish", None)):
+            return processor, processor.prepare(record)
+        return None, processor(record)
+
 
 # ---------------------------------------------------------------- sources and raw streams
 

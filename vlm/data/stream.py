@@ -302,6 +302,40 @@ class StreamDataset(IterableDataset):
 
     # ------------------------------------------------------------ batches
 
+    def _samples(self, raw: Iterator[tuple[int, tuple[int, dict]]], processor: Any,
+                 handler: Callable[[Exception], bool]) -> tuple[list[Any], int | None]:
+        """The next batch's processed samples (the first `batch_size` raw samples that process without a data
+        error) and the raw position of the last raw sample read (None: the stream had nothing left).
+
+        In two phases (`SampleFn.prepare`, then the processors' `finish` for all of them in a row), refilled while
+        the second phase drops samples, so the samples, skips and position are those of processing one by one.
+        """
+        samples: list[Any] = []
+        position = None
+        while len(samples) < self.batch_size:
+            pending: list[tuple[Any, Any]] = []
+            for position, (source, sample) in raw:
+                try:
+                    pending.append(self.sample_fns[source].prepare(sample, processor))
+                except Exception as exc:  # counted per reason, never fatal
+                    handler(exc)
+                    continue
+                if len(samples) + len(pending) == self.batch_size:
+                    break
+            if not pending:
+                break
+            results: list[Any] = [result for owner, result in pending]
+            for owner in {id(o): o for o, _ in pending if o is not None}.values():
+                index = [i for i, (o, _) in enumerate(pending) if o is owner]
+                for i, result in zip(index, owner.finish([pending[i][1] for i in index])):
+                    results[i] = result
+            for result in results:
+                if isinstance(result, Exception):
+                    handler(result)
+                else:
+                    samples.append(result)
+        return samples, position
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
@@ -328,15 +362,7 @@ class StreamDataset(IterableDataset):
             index = base + j * workers + worker
             size = self.schedule.size_for_batch(index) if (self.train and self.schedule) else fixed_size
             processor = self.processors.get(size)
-            samples, position = [], start
-            for position, (source, sample) in raw:
-                try:
-                    samples.append(self.sample_fns[source](sample, processor))
-                except Exception as exc:  # counted per reason, never fatal
-                    handler(exc)
-                    continue
-                if len(samples) == self.batch_size:
-                    break
+            samples, position = self._samples(raw, processor, handler)
             if not samples:
                 return
             if info is not None and isinstance(self.collate, Collator):  # pixels go straight to shared memory
