@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing  # noqa: F401  (registers torch's storage reductions with ForkingPickler)
+from torch.multiprocessing.reductions import rebuild_storage_fd as _rebuild_storage_fd
 from torch.utils.data import DataLoader, IterableDataset
 
 from vlm.data.collate import Collator, Parts
@@ -42,7 +43,7 @@ def _check(batch: dict, fill: int) -> None:
 
 
 def _held(pool: _BufferPool) -> list[int]:
-    return [int(b.numpy()[0]) for b in pool.buffers]
+    return [int(s.buffer.numpy()[0]) for s in pool.slots]
 
 
 def test_round_trip_and_reuse_only_after_release() -> None:
@@ -55,13 +56,13 @@ def test_round_trip_and_reuse_only_after_release() -> None:
     gc.collect()
     assert _held(pool) == [1]
     second = unpack_batch(pack_batch(_batch(2), pool))  # must not overwrite the buffer `pixels` lives in
-    assert len(pool.buffers) == 2
+    assert len(pool.slots) == 2
     _check(second, 2)
     assert torch.equal(pixels[0, :, 0, 0], torch.tensor([0.0, 1.0, 2.0]))
     del pixels
     assert _held(pool) == [0, 1]
     third = unpack_batch(pack_batch(_batch(3), pool))  # the released buffer again, no new one
-    assert len(pool.buffers) == 2 and _held(pool) == [1, 1]
+    assert len(pool.slots) == 2 and _held(pool) == [1, 1]
     _check(third, 3)
     _check(second, 2)
 
@@ -69,13 +70,13 @@ def test_round_trip_and_reuse_only_after_release() -> None:
 def test_pool_is_bounded_and_grows_for_larger_batches() -> None:
     pool = _BufferPool(size=2)
     held = [unpack_batch(pack_batch(_batch(i), pool)) for i in range(4)]  # never released: fresh buffers
-    assert len(pool.buffers) == 2
+    assert len(pool.slots) == 2
     for i, batch in enumerate(held):
         _check(batch, i)
     del held, batch
-    small = pool.buffers[-1].numel()
+    small = pool.slots[-1].buffer.numel()
     big = unpack_batch(pack_batch({"x": torch.zeros(4 * small)}, pool))
-    assert pool.buffers[-1].numel() > 4 * small * 4 and len(pool.buffers) == 1  # the small free ones dropped
+    assert pool.slots[-1].buffer.numel() > 4 * small * 4 and len(pool.slots) == 1  # the small free ones dropped
     assert torch.equal(big["x"], torch.zeros(4 * small))
 
 
@@ -102,19 +103,48 @@ class _Packing(IterableDataset):
             yield pack_batch(_batch(i))
 
 
+_RECEIVED: list[int] = []
+
+
+def _counting_rebuild(*args):
+    _RECEIVED.append(1)
+    return _rebuild_storage_fd(*args)
+
+
 @pytest.mark.parametrize("hold", [True, False])
-def test_through_dataloader_workers(hold: bool) -> None:
-    """Batches held by the main process keep their contents while the workers go on packing."""
-    loader = DataLoader(_Packing(), batch_size=None, num_workers=2, prefetch_factor=4)
-    held = []
-    for batch in loader:
-        batch = unpack_batch(batch)
-        fill = int(batch["stream"]["position"])
-        _check(batch, fill)
-        if hold:
-            held.append((fill, batch))
-    for fill, batch in held:
-        _check(batch, fill)
+def test_through_dataloader_workers(hold: bool, monkeypatch) -> None:
+    """Batches held by the main process keep their contents while the workers go on packing; a buffer's file
+    descriptor crosses over once, later batches in it name it by number."""
+    import torch.multiprocessing.reductions as reductions
+
+    from vlm.data import stream
+
+    received = _RECEIVED
+    received.clear()
+    monkeypatch.setattr(reductions, "rebuild_storage_fd", _counting_rebuild)  # (the workers pickle it by name)
+    loader = DataLoader(_Packing(), batch_size=None, num_workers=2, prefetch_factor=4, persistent_workers=True)
+    for epoch in range(2):
+        held = []
+        for batch in loader:
+            batch = unpack_batch(batch)
+            fill = int(batch["stream"]["position"])
+            _check(batch, fill)
+            if hold:
+                held.append((fill, batch))
+        for fill, batch in held:
+            _check(batch, fill)
+        del held, batch
+    pids = {w.pid for w in loader._iterator._workers}
+    mapped = [key for key in stream._MAPPED if key[0] in pids]
+    assert 0 < len(mapped) <= 2 * stream._POOL_SIZE  # forgotten buffers were unmapped
+    if hold:  # every batch of an epoch held: each a fresh buffer, then the pools' ones again after the epoch
+        assert len(received) == 48 - 2 * stream._POOL_SIZE
+    else:
+        assert len(received) < 20  # 48 batches
+    del loader
+    gc.collect()
+    stream._forget_exited_workers()
+    assert not [key for key in stream._MAPPED if key[0] in pids]
 
 
 def test_lazy_collate_matches_eager() -> None:

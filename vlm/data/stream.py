@@ -51,6 +51,15 @@ def _new_shared(nbytes: int) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(nbytes))
 
 
+class _Slot:
+    """One buffer of a worker's pool: its number in the pool, and whether the main process has mapped it yet."""
+
+    __slots__ = ("buffer", "number", "sent")
+
+    def __init__(self, buffer: torch.Tensor, number: int):
+        self.buffer, self.number, self.sent = buffer, number, False
+
+
 class _BufferPool:
     """A worker's shared-memory buffers, reused once the main process has let go of the batch in them.
 
@@ -60,34 +69,48 @@ class _BufferPool:
     batch (`_Lease`), then 0. A buffer still held is never written; when none is free a new one is made, and a
     full pool forgets its oldest (still held by the main process, e.g. a batch kept in a list: freed there when
     dropped, just not reused).
+
+    The main process keeps its mapping of each buffer (`_MAPPED`), so a buffer's file descriptor crosses over once,
+    not with every batch (torch passes one through a socket with an authentication handshake each time), and the
+    main process does not fault the pages in again each time it reads a batch. Forgotten buffers are named in the
+    next batch, and the main process unmaps them.
     """
 
     def __init__(self, size: int = _POOL_SIZE):
         self.size = size
-        self.buffers: list[torch.Tensor] = []
+        self.slots: list[_Slot] = []
+        self.forgotten: list[int] = []
         self.pid = os.getpid()
+        self._numbers = itertools.count()
 
-    def take(self, nbytes: int) -> torch.Tensor:
+    def take(self, nbytes: int) -> _Slot:
         """A buffer of at least `nbytes` (header included), marked held."""
         if self.pid != os.getpid():  # a forked worker: its parent's buffers are shared with the parent, not its own
-            self.buffers, self.pid = [], os.getpid()
-        free = [b for b in self.buffers if b.numpy()[0] == 0]
-        fitting = [b for b in free if b.numel() >= nbytes]
+            self.slots, self.forgotten, self.pid = [], [], os.getpid()
+        free = [s for s in self.slots if s.buffer.numpy()[0] == 0]
+        fitting = [s for s in free if s.buffer.numel() >= nbytes]
         if fitting:
-            chosen = min(fitting, key=lambda b: b.numel())
+            chosen = min(fitting, key=lambda s: s.buffer.numel())
         else:
             # free ones are all too small: they would only ever be passed over
-            self.buffers = [b for b in self.buffers if not any(b is f for f in free)]
-            if len(self.buffers) >= self.size:
-                self.buffers.pop(0)
+            drop = [s for s in self.slots if any(s is f for f in free)]
+            if len(self.slots) - len(drop) >= self.size:
+                drop.append(next(s for s in self.slots if not any(s is d for d in drop)))
+            self.slots = [s for s in self.slots if not any(s is d for d in drop)]
+            self.forgotten += [s.number for s in drop if s.sent]
             # slack for the next batches' longer texts or extra tiles, in whole pages
-            chosen = _new_shared(-(-(nbytes + nbytes // 8) // 4096) * 4096)
-            self.buffers.append(chosen)
-        chosen.numpy()[0] = 1
+            chosen = _Slot(_new_shared(-(-(nbytes + nbytes // 8) // 4096) * 4096), next(self._numbers))
+            self.slots.append(chosen)
+        chosen.buffer.numpy()[0] = 1
         return chosen
+
+    def pop_forgotten(self) -> list[int]:
+        forgotten, self.forgotten = self.forgotten, []
+        return forgotten
 
 
 _POOL = _BufferPool()
+_MAPPED: dict[tuple[int, int], torch.Tensor] = {}  # main process: (worker pid, buffer number) -> its mapping
 
 
 class _Lease:
@@ -106,14 +129,22 @@ def _release(flag: np.ndarray) -> None:
 
 
 class _Packed:
-    """A packed batch's buffer and layout. Pickled (worker -> main) as the buffer (torch shares its memory by file
-    descriptor) and the layout; the receiving side takes the lease, so dropping a batch unread also frees it."""
+    """A packed batch's buffer and layout. Pickled (worker -> main) as the buffer's pool number and the layout,
+    plus the buffer itself (torch shares its memory by file descriptor) the first time; the receiving side takes
+    the lease, so dropping a batch unread also frees it."""
 
-    def __init__(self, buffer: torch.Tensor, layout: list[tuple], order: list[str]):
+    def __init__(self, buffer: torch.Tensor, layout: list[tuple], order: list[str], slot: _Slot | None = None,
+                 forgotten: list[int] | None = None):
         self.buffer, self.layout, self.order = buffer, layout, order
+        self.slot, self.forgotten = slot, forgotten or []
 
     def __reduce__(self) -> tuple:
-        return _received, (self.buffer, self.layout, self.order)
+        if self.slot is None:
+            return _received, (self.buffer, self.layout, self.order)
+        first = not self.slot.sent  # pickled once per batch, in order, by the worker's queue thread
+        self.slot.sent = True
+        return _received, (self.buffer if first else None, self.layout, self.order,
+                           (os.getpid(), self.slot.number, self.forgotten))
 
     def pin_memory(self, device: Any = None) -> "_Packed":
         """DataLoader(pin_memory=True): the whole buffer copied to pinned memory at once (the shared one is
@@ -133,10 +164,29 @@ class _Packed:
         return out
 
 
-def _received(buffer: torch.Tensor, layout: list[tuple], order: list[str]) -> _Packed:
+def _received(buffer: torch.Tensor | None, layout: list[tuple], order: list[str],
+              pooled: tuple[int, int, list[int]] | None = None) -> _Packed:
+    if pooled is not None:
+        pid, number, forgotten = pooled
+        for gone in forgotten:
+            _MAPPED.pop((pid, gone), None)
+        if buffer is not None:
+            _forget_exited_workers()
+            _MAPPED[(pid, number)] = buffer
+        else:
+            buffer = _MAPPED.get((pid, number))
+            if buffer is None:
+                raise RuntimeError(f"batch in buffer {number} of worker {pid}, which this process never received")
     packed = _Packed(buffer, layout, order)
     packed.lease = _Lease(buffer)
     return packed
+
+
+def _forget_exited_workers() -> None:
+    """Unmap the buffers of workers that have exited (a finished DataLoader's), so their memory is freed."""
+    alive = {p.pid for p in multiprocessing.active_children()} | {os.getpid()}
+    for key in [k for k in _MAPPED if k[0] not in alive]:
+        del _MAPPED[key]
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -163,7 +213,9 @@ def pack_batch(batch: dict[str, Any], pool: _BufferPool | None = None) -> dict[s
         offset = -(-offset // _ALIGN) * _ALIGN
         layout.append((key, offset, value.dtype, tuple(value.shape)))
         offset += math.prod(value.shape) * _itemsize(value.dtype)
-    buffer = (pool or _POOL).take(offset)
+    pool = pool or _POOL
+    slot = pool.take(offset)
+    buffer = slot.buffer
     raw = buffer.numpy()
     for (key, start, dtype, _), (_, value) in zip(layout, tensors):
         for part in value.tensors if isinstance(value, Parts) else [value]:
@@ -179,7 +231,7 @@ def pack_batch(batch: dict[str, Any], pool: _BufferPool | None = None) -> dict[s
                     target.copy_(part)
             start += size
     packed = {k: v for k, v in batch.items() if not _is_cpu_tensor(v)}
-    packed["__packed__"] = _Packed(buffer, layout, list(batch))
+    packed["__packed__"] = _Packed(buffer, layout, list(batch), slot, pool.pop_forgotten())
     return packed
 
 
