@@ -5,6 +5,7 @@ import io
 import json
 from pathlib import Path
 
+import jinja2
 import pytest
 import torch
 import webdataset as wds
@@ -161,6 +162,7 @@ def test_a_bug_in_processing_is_raised_not_skipped() -> None:
     counter = SkipCounter()
     handler = counter.handler("processing_error")
     assert handler(OSError("broken PNG")) is True
+    assert handler(jinja2.TemplateError("Conversation roles must alternate user/assistant")) is True
     with pytest.raises(TypeError, match="bug"):
         handler(TypeError("a bug"))
-    assert counter.counts() == {"processing_error": 1}
+    assert counter.counts() == {"processing_error": 2}

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+import jinja2
 import webdataset as wds
 from PIL import Image
 from webdataset.filters import _shuffle as _wds_shuffle
@@ -90,7 +91,10 @@ class SkipCounter:
 
 # What bad data raises (PIL's decode errors are OSErrors; broken JSON or text, ValueErrors): skipped and counted.
 # Anything else (TypeError, AttributeError, ...) is a bug in code, and re-raised rather than hidden as skips.
-DATA_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, EOFError, Image.DecompressionBombError)
+# A chat template's own `raise_exception` (e.g. roles that do not alternate) is a TemplateError: bad data too.
+DATA_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, ValueError, EOFError, Image.DecompressionBombError, jinja2.TemplateError,
+)
 
 
 class _CountingHandler:
