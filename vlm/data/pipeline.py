@@ -444,38 +444,6 @@ def mix_samples(
             live.remove(i)
 
 
-def make_pipeline(
-    urls: Sequence[str],
-    fn: Callable[[dict[str, Any]], Any],
-    counter: SkipCounter,
-    resampled: bool = True,
-    seed: int = 0,
-    shuffle_buffer: int = 1000,
-    shardshuffle: int | bool = 100,
-) -> wds.DataPipeline:
-    """The sample stream for one split.
-
-    resampled: shards drawn with replacement forever from an RNG seeded by (seed, rank, worker, epoch), so
-    every worker sees a different but reproducible stream. Otherwise one pass per epoch: shards shuffled
-    (`shardshuffle` buffer, seed + epoch, the same order on every node) then split by node and by worker.
-    The sample buffer shuffles raw bytes; decoding happens after it.
-    """
-    if resampled:
-        stages: list[Any] = [wds.ResampledShards(list(urls), seed=seed, deterministic=True)]
-    else:
-        stages = [wds.SimpleShardList(list(urls))]
-        if shardshuffle:
-            size = 100 if shardshuffle is True else int(shardshuffle)
-            stages.append(wds.detshuffle(size, initial=size, seed=seed))
-        stages.append(wds.split_by_node)
-        stages.append(wds.split_by_worker)
-    stages.append(wds.tarfile_to_samples(handler=counter.handler("read_error")))
-    if shuffle_buffer and shuffle_buffer > 1:
-        stages.append(wds.detshuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed + 1))
-    stages.append(wds.map(fn, handler=counter.handler("processing_error")))
-    return wds.DataPipeline(*stages)
-
-
 def iterate_samples(
     urls: str | Sequence[str], decode_images: bool = True, counter: SkipCounter | None = None
 ) -> Iterator[dict[str, Any]]:
