@@ -115,11 +115,11 @@ def test_text_agrees_with_objects_and_pixels(shapes: Path) -> None:
                 assert len(matches) == 1 and matches[0]["position"] == answer
         turns = meta["conversations"]
         assert 2 <= len(turns) <= 6 and len(turns) % 2 == 0
-        assert turns[0]["content"].startswith(IMAGE_TOKEN + "\n")
+        assert turns[0]["content"].endswith("\n" + IMAGE_TOKEN)  # question first, then the picture
         assert sum(t["content"].count(IMAGE_TOKEN) for t in turns) == 1
         qa_pairs = {(q["question"], q["answer"]) for q in meta["qa"]}
         for user, assistant in zip(turns[::2], turns[1::2]):
-            assert (user["content"].removeprefix(IMAGE_TOKEN + "\n"), assistant["content"]) in qa_pairs
+            assert (user["content"].removesuffix("\n" + IMAGE_TOKEN), assistant["content"]) in qa_pairs
         if len(objects) == 1:
             singles += 1
             assert meta["label"] == {"shape": objects[0]["shape"], "color": objects[0]["color"]}
