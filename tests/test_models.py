@@ -134,8 +134,8 @@ def test_forward_gives_a_loss_and_passes_position_ids() -> None:
     assert out.past_key_values is None  # training forward builds no KV cache unless asked
 
 
-@pytest.mark.parametrize("masked_logits", [True, False])
-def test_next_token_loss_equals_the_full_logits_loss(masked_logits: bool) -> None:
+@pytest.mark.parametrize("masked_logits", [None, False])  # None: detect the boolean `logits_to_keep`
+def test_next_token_loss_equals_the_full_logits_loss(masked_logits: bool | None) -> None:
     """Logits at the labelled positions only (or the fallback for decoders without a boolean `logits_to_keep`)
     give the same loss and the same gradients as Hugging Face's loss over the full logits."""
     model, tokenizer = tiny_model()
@@ -158,6 +158,7 @@ def test_next_token_loss_equals_the_full_logits_loss(masked_logits: bool) -> Non
     model._masked_logits = masked_logits
     loss, grads = loss_and_grads(model.next_token_loss(ids, labels, mask, pixels))
     torch.testing.assert_close(loss, reference)
+    assert model._masked_logits is (masked_logits is None)  # transformers' Llama takes the mask
     assert len(grads) == len(reference_grads)
     for got, want in zip(grads, reference_grads):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)

@@ -47,7 +47,7 @@ class VisionLanguageModel(nn.Module):
         self.encoder, self.projector, self.decoder = encoder, projector, decoder
         self.image_token_id = int(image_token_id)
         self.attention = attention
-        self._masked_logits = True  # the decoder takes a boolean `logits_to_keep` (next_token_loss checks)
+        self._masked_logits: bool | None = None  # does the decoder take a boolean `logits_to_keep`? (checked once)
         self.config: dict[str, Any] = {**dict(config or {}), "attention": attention}
 
     # ---- building -------------------------------------------------------------------------------------------
@@ -162,12 +162,14 @@ class VisionLanguageModel(nn.Module):
         targets = labels[:, 1:]
         labelled = targets != IGNORE_INDEX
         keep = F.pad(labelled, (0, 1), value=False)  # position i predicts token i + 1
-        expected = (int(labelled.sum()), self.decoder.get_output_embeddings().out_features)
         logits = None
-        if self._masked_logits:
+        if self._masked_logits is not False:
             logits = self(input_ids, attention_mask, pixel_values, logits_to_keep=keep).logits
-            if tuple(logits.shape) != expected:  # a decoder without boolean `logits_to_keep` (older model code)
-                self._masked_logits, logits = False, None
+            if self._masked_logits is None:  # checked once (the count is a host sync on a GPU)
+                expected = (int(labelled.sum()), self.decoder.get_output_embeddings().out_features)
+                self._masked_logits = tuple(logits.shape) == expected  # False: older model code ignores the mask
+                if not self._masked_logits:
+                    logits = None
         if logits is None:
             logits = self(input_ids, attention_mask, pixel_values).logits[keep]
         return F.cross_entropy(logits.float(), targets[labelled])
