@@ -106,6 +106,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             results[kind] = {"loss": loss.detach(),
                              "grads": {n: p.grad.clone() for n, p in model.module.named_parameters()}}
         torch.save(results, Path(out) / f"rank{rank}.pt")
+        del model
+        # both ranks done before either tears gloo down: destroying the group while the peer's DDP still talks
+        # aborted a worker now and then ("terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
