@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from PIL import Image
-
+from test_safe_loading import world  # noqa: F401  (the shared tiny saved model, one per module)
 from vlm.device import place, resolve_device
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -39,22 +38,6 @@ def test_bad_names_are_refused_with_the_choices() -> None:
     with pytest.raises(ValueError, match="bfloat16"):
         resolve_device("cpu", "int8")
     assert resolve_device("cpu", "torch.float16")[1] is torch.float16
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict[str, Path]:
-    from test_generation import tiny_vlm
-    from vlm.data.synthetic.shapes import ensure_shapes
-
-    root = tmp_path_factory.mktemp("device")
-    shapes = ensure_shapes(root / "shapes", num_train=4, num_val=2, num_test=4, samples_per_shard=4)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    model, tokenizer = tiny_vlm(shapes / "tokenizer")
-    Image.new("RGB", (16, 16), (30, 200, 30)).save(root / "green.png")
-    yield {"root": root, "shapes": shapes, "model": model.save_pretrained(root / "model", tokenizer),
-           "image": root / "green.png"}
-    torch.set_num_threads(before)
 
 
 @pytest.fixture
