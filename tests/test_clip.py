@@ -80,7 +80,7 @@ def test_text_tower_from_a_local_directory(tmp_path: Path) -> None:
         for path in ("clip", "clip_text"):
             tower = TextEncoder(str(tmp_path / path), pretrained=True).eval()
             torch.testing.assert_close(tower(ids), reference)
-            rebuilt = TextEncoder(**{k: v for k, v in tower.export_config().items() if k != "_target_"})
+            rebuilt = TextEncoder(**{k: v for k, v in tower.export_config().items() if k != "type"})
             assert type(rebuilt.model) is type(tower.model) and rebuilt.hidden_size == 32
     BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                          intermediate_size=64)).save_pretrained(tmp_path / "bert")

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.utils import instantiate
 
 from vlm.models.encoders import HFVisionEncoder, TimmEncoder, resample_positions
 from vlm.models.encoders.hf import CLIP_MEAN
+from vlm.models.registry import build
 
 TINY_HF = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2,
            "image_size": 32, "patch_size": 8}
@@ -79,7 +79,8 @@ def test_timm_export_config_rebuilds_same_shapes() -> None:
     enc.set_image_size(48)
     spec = enc.export_config()
     assert spec["pretrained"] is False and spec["init_from"] is None and spec["image_size"] == 48
-    rebuilt = instantiate(spec)
+    assert spec["type"] == "timm_vit"
+    rebuilt = build("encoder", spec, "encoder")
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in enc.state_dict().items()}
     rebuilt.load_state_dict(enc.state_dict())
     x = torch.randn(1, 3, 48, 48)
@@ -121,7 +122,7 @@ def test_hf_resolution_change(family: str) -> None:
     assert enc.num_tokens == 36
     with torch.no_grad():
         assert enc(torch.randn(1, 3, 48, 48)).shape == (1, 36, 32)
-    rebuilt = instantiate(enc.export_config())
+    rebuilt = build("encoder", enc.export_config(), "encoder")
     assert rebuilt.image_size == 48 and rebuilt.num_tokens == 36
 
 

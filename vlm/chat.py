@@ -1,6 +1,7 @@
 """Talk to a model directory about images, in the terminal or from Python.
 
     python -m vlm.chat model_dir=PATH [image=PATH] [max_new_tokens=256] [temperature=0] [top_p=1] [system=TEXT]
+                       [device=auto] [dtype=auto] [trust_remote_code=false]
 
 In the terminal: `/image PATH` adds an image to your next message, `/reset` forgets the conversation, `/quit` (or
 end of input) leaves. The whole history is rendered with the model's chat template every turn, so the model sees
@@ -99,7 +100,7 @@ def _options(argv: Sequence[str]) -> dict[str, Any]:
     options = OmegaConf.to_container(OmegaConf.from_dotlist(list(argv)))
     if not options.get("model_dir"):
         raise SystemExit("usage: python -m vlm.chat model_dir=PATH [image=PATH] [max_new_tokens=256] "
-                         "[temperature=0] [top_p=1] [system=TEXT]")
+                         "[temperature=0] [top_p=1] [system=TEXT] [device=auto] [dtype=auto]")
     return options
 
 
@@ -107,7 +108,8 @@ def main(argv: Sequence[str] | None = None, read: Callable[[str], str] = input,
          write: Callable[[str], None] = print) -> ChatSession:
     """The terminal loop; `read` and `write` stand in for the terminal in tests. Returns the session."""
     options = _options(sys.argv[1:] if argv is None else argv)
-    answerer = Answerer.from_dir(options.pop("model_dir"))
+    answerer = Answerer.from_dir(options.pop("model_dir"), options.pop("device", "auto"), options.pop("dtype", "auto"),
+                                 bool(options.pop("trust_remote_code", False)))
     image = options.pop("image", None)
     session = ChatSession(answerer, system=options.pop("system", None), **options)
     if image:

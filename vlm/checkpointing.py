@@ -12,6 +12,8 @@
 - `StepCheckpoint`: every N optimizer steps, keep the last K, plus the final step.
 
     python -m vlm.checkpointing RUN_DIR/checkpoints/step-00000500.ckpt --out DIR   # checkpoint -> model directory
+
+  The run's config.yaml is read as data: its model parts and stage go through vlm.models.registry.
 """
 
 from __future__ import annotations
@@ -242,25 +244,51 @@ def apply_checkpoint(stage: torch.nn.Module, path: str | os.PathLike) -> dict[st
     return info
 
 
+def rebuild_specs(run_config: Mapping[str, Any], where: str) -> tuple[dict, dict, dict]:
+    """(model, stage, optim) sections of a run's config.yaml, checked as data: the model's parts and the stage must
+    be registered types (or their registered `_target_` paths), and no other `_target_` may appear in them. The
+    stage's `eval_tasks` (validation only) are not needed to rebuild the weights and are left out."""
+    from vlm.models.clip import PARTS as CLIP_PARTS, is_clip_config
+    from vlm.models.registry import check_file, refuse_targets, type_name
+    from vlm.models.vlm import PARTS as VLM_PARTS
+
+    model, stage = dict(run_config.get("model") or {}), dict(run_config.get("stage") or {})
+    optim = dict(run_config.get("optim") or {})
+    if not model or not stage:
+        raise ValueError(f"{where} has no model or stage section: is it a training run's config.yaml?")
+    check_file(model, CLIP_PARTS if is_clip_config(model) else VLM_PARTS, f"{where}: model")
+    stage.pop("eval_tasks", None)
+    type_name("stage", stage, f"{where}: stage")
+    refuse_targets({k: v for k, v in stage.items() if k != "_target_"}, f"{where}: stage")
+    refuse_targets(optim, f"{where}: optim")
+    return model, stage, optim
+
+
 def main(argv: list[str] | None = None) -> Path:
-    """Checkpoint -> model directory: rebuild the stage from the run's config.yaml, load the checkpoint, export."""
+    """Checkpoint -> model directory: rebuild the stage from the run's config.yaml, load the checkpoint, export.
+
+    The config is read as data (vlm.models.registry): it may name only registered part and stage types."""
     parser = argparse.ArgumentParser(prog="python -m vlm.checkpointing", description=main.__doc__)
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--out", type=Path, required=True, help="model directory to write")
     parser.add_argument("--config", type=Path, help="the run's config.yaml (default: next to checkpoints/)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let transformers run the code of a base model that needs it (never read from the config)")
     args = parser.parse_args(argv)
-    from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     from vlm.loading import load_model
+    from vlm.models.registry import build
 
     import lightning as L
 
     config = args.config or args.checkpoint.resolve().parent.parent / "config.yaml"
-    cfg = OmegaConf.load(config)
-    L.seed_everything(int(cfg.get("seed", 0)), verbose=False)  # as the run did: a random base is rebuilt exactly
-    model, tokenizer = load_model(OmegaConf.to_container(cfg.model, resolve=True), cfg.get("init_from"))
-    stage = instantiate(cfg.stage, model=model, optim=OmegaConf.to_container(cfg.optim), _convert_="all")
+    run_config = OmegaConf.to_container(OmegaConf.load(config))  # saved resolved; nothing is interpolated here
+    model_cfg, stage_cfg, optim = rebuild_specs(run_config, str(config))
+    L.seed_everything(int(run_config.get("seed") or 0), verbose=False)  # as the run did: a random base is rebuilt
+    model, tokenizer = load_model(model_cfg, run_config.get("init_from"), trusted=False,
+                                  trust_remote_code=args.trust_remote_code)
+    stage = build("stage", stage_cfg, f"{config}: stage", model=model, optim=optim)
     info = apply_checkpoint(stage, args.checkpoint)
     out = stage.export(args.out, tokenizer)
     print(f"{args.checkpoint} ({describe_base(info)}) -> {out}")

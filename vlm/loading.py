@@ -33,23 +33,31 @@ def build_processor(model: nn.Module, tokenizer: Any, max_tiles: int | None = No
     return Processor(tokenizer, transform, model.tokens_per_image, max_length=max_length or cfg.get("max_length", 512))
 
 
-def load_model(model_cfg: Mapping[str, Any], init_from: str | Path | None = None):
+def load_model(model_cfg: Mapping[str, Any], init_from: str | Path | None = None, trusted: bool = True,
+               trust_remote_code: bool | None = None):
     """Build a model from its config, or load the model directory `init_from` and apply the config's resolution.
 
     Returns (model, tokenizer). A config with a `text_encoder` is a dual encoder (the `clip` stage's model).
+    `trusted`: `model_cfg` is the user's own (conf/ and the command line, which may name the user's code); False
+    for a config read back from disk, whose parts must be registered types (vlm.models.registry). A model
+    directory is always loaded as data. `trust_remote_code` (None: the user's `model.decoder.trust_remote_code`
+    when trusted, else False) is never taken from a file.
     """
     from vlm.data.tokens import load_tokenizer
     from vlm.models.clip import is_clip_config, load_clip_model
     from vlm.models.vlm import VisionLanguageModel
 
+    if trust_remote_code is None and trusted:
+        trust_remote_code = (model_cfg.get("decoder") or {}).get("trust_remote_code")
     if is_clip_config(model_cfg):
-        return load_clip_model(model_cfg, init_from)
+        return load_clip_model(model_cfg, init_from, trusted, trust_remote_code)
 
     if init_from:
-        model, tokenizer = VisionLanguageModel.from_pretrained(init_from)
+        model, tokenizer = VisionLanguageModel.from_pretrained(init_from, trust_remote_code=bool(trust_remote_code))
         size = (model_cfg.get("encoder") or {}).get("image_size")
         if size and size != model.encoder.image_size:
             model.encoder.set_image_size(size)
         return model, tokenizer
-    tokenizer = load_tokenizer(model_cfg["tokenizer"], max_tiles=model_cfg.get("max_tiles", 1))
-    return VisionLanguageModel.from_config(dict(model_cfg), tokenizer), tokenizer
+    tokenizer = load_tokenizer(model_cfg["tokenizer"], max_tiles=model_cfg.get("max_tiles", 1),
+                               trust_remote_code=bool(trust_remote_code))
+    return VisionLanguageModel.from_config(dict(model_cfg), tokenizer, trusted, trust_remote_code), tokenizer

@@ -103,7 +103,9 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     task = instantiate(cfg.task, _convert_="all")
-    metrics = task.run(model_dir=cfg.get("model_dir"), predictions=cfg.get("predictions"), out_dir=run_dir)
+    metrics = task.run(model_dir=cfg.get("model_dir"), predictions=cfg.get("predictions"), out_dir=run_dir,
+                       device=cfg.get("device", "auto"), dtype=cfg.get("dtype", "auto"),
+                       trust_remote_code=bool(cfg.get("trust_remote_code", False)))
     write_metrics(metrics, run_dir / "metrics.json")
     print(format_metrics(metrics))
     return metrics

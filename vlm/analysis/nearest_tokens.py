@@ -1,6 +1,7 @@
 """Did the image turn into words? Each projected image token -> the vocabulary entry nearest to it.
 
     python -m vlm.analysis.nearest_tokens model_dir=PATH image=PATH [out=nearest_tokens.png] [top=20]
+                                          [device=auto] [dtype=auto]
 
 The GIT-LLM article's experiment: after the projector, image tokens live in the decoder's input-embedding space,
 so each can be compared (cosine similarity) with every token embedding. The tool prints the most frequent nearest
@@ -67,6 +68,7 @@ def nearest_tokens(model: nn.Module, tokenizer: Any, image: Image.Image,
     encoder = model.encoder
     transform = ImageTransform(encoder.image_size, encoder.image_mean, encoder.image_std, max_tiles=1)
     pixels, _ = transform(image.convert("RGB"))
+    pixels = pixels.to(next(model.parameters()).device)
     features = model.encode_images(pixels)[0].float()  # (T', D)
     table = model.decoder.get_input_embeddings().weight[: len(tokenizer)].float()  # rows past the tokenizer: padding
     similarity = nn.functional.normalize(features, dim=-1) @ nn.functional.normalize(table, dim=-1).T
@@ -106,13 +108,16 @@ def draw_words(image: Image.Image, result: NearestTokens, path: str | Path, size
 def main(argv: Sequence[str] | None = None) -> NearestTokens:
     from omegaconf import OmegaConf
 
+    from vlm.device import place
     from vlm.models.vlm import VisionLanguageModel
 
     options = OmegaConf.to_container(OmegaConf.from_dotlist(list(sys.argv[1:] if argv is None else argv)))
     if not options.get("model_dir") or not options.get("image"):
         raise SystemExit("usage: python -m vlm.analysis.nearest_tokens model_dir=PATH image=PATH "
-                         "[out=nearest_tokens.png] [top=20] [include_special=false]")
-    model, tokenizer = VisionLanguageModel.from_pretrained(options["model_dir"])
+                         "[out=nearest_tokens.png] [top=20] [include_special=false] [device=auto] [dtype=auto]")
+    model, tokenizer = VisionLanguageModel.from_pretrained(
+        options["model_dir"], trust_remote_code=bool(options.get("trust_remote_code", False)))
+    model = place(model, options.get("device", "auto"), options.get("dtype", "auto"))
     with Image.open(options["image"]) as opened:
         image = opened.convert("RGB")
     result = nearest_tokens(model.eval(), tokenizer, image, bool(options.get("include_special", False)))

@@ -1,7 +1,8 @@
 """A model directory that answers: conversations with images in, generated text or option log-likelihoods out.
 
 Evaluation tasks and the chat share it, so prompts are always built the way training built them (the model's own
-processor and chat template) and generation always stops at the end-of-turn token.
+processor and chat template) and generation always stops at the end-of-turn token. It runs on the device the model's
+weights are on (`from_dir(..., device=, dtype=)`, vlm.device): inputs are moved there, the KV cache lives there.
 """
 
 from __future__ import annotations
@@ -32,13 +33,22 @@ class Answerer:
         self.stop_ids = stop_token_ids(tokenizer)
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path) -> Answerer:
+    def from_dir(cls, model_dir: str | Path, device: str | torch.device | None = "auto",
+                 dtype: str | torch.dtype | None = "auto", trust_remote_code: bool = False) -> Answerer:
+        """Load a model directory (as data, vlm.models.registry) onto `device` in `dtype` (vlm.device)."""
+        from vlm.device import place
         from vlm.models.vlm import VisionLanguageModel
 
-        model, tokenizer = VisionLanguageModel.from_pretrained(model_dir)
+        model, tokenizer = VisionLanguageModel.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         if tokenizer is None:
             raise ValueError(f"{model_dir} has no tokenizer files: it cannot be evaluated by generation")
-        return cls(model, tokenizer)
+        return cls(place(model, device, dtype), tokenizer)
+
+    @property
+    def device(self) -> torch.device:
+        from vlm.device import device_of
+
+        return device_of(self.model)
 
     def prompt(self, messages: list[dict[str, str]], images: Sequence[Image.Image] = ()) -> dict[str, Any]:
         """Processor output for a conversation that ends with a user turn (ids end in the assistant prompt)."""
@@ -59,6 +69,7 @@ class Answerer:
         if not conversations:
             return []
         batch = self.collate([self.prompt(messages, images) for messages, images in conversations])
+        batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         tokens = generate(self.model, batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"),
                           max_new_tokens=max_new_tokens, eos_token_ids=self.stop_ids,
                           pad_token_id=self.tokenizer.pad_token_id, **options)
@@ -75,18 +86,19 @@ class Answerer:
 
         model = self.model
         prompt = self.prompt(messages, images)
-        prompt_ids = prompt["input_ids"]
+        prompt_ids = prompt["input_ids"].to(self.device)
+        pixel_values = prompt.get("pixel_values")
         options = [list(self.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in continuations]
         if any(not o for o in options):
             raise ValueError(f"an option tokenises to nothing: {list(continuations)!r}")
         n, length, longest = len(options), prompt_ids.shape[0], max(len(o) for o in options)
-        ids = torch.full((n, length + longest), self.tokenizer.pad_token_id, dtype=torch.long)
+        ids = torch.full((n, length + longest), self.tokenizer.pad_token_id, dtype=torch.long, device=self.device)
         attention = torch.zeros_like(ids)
         for i, option in enumerate(options):
             ids[i, :length] = prompt_ids
-            ids[i, length : length + len(option)] = torch.tensor(option)
+            ids[i, length : length + len(option)] = torch.tensor(option, device=self.device)
             attention[i, : length + len(option)] = 1
-        prompt_embeds = model.embed(prompt_ids[None], prompt.get("pixel_values"))
+        prompt_embeds = model.embed(prompt_ids[None], None if pixel_values is None else pixel_values.to(self.device))
         option_embeds = model.decoder.get_input_embeddings()(ids[:, length:])
         embeds = torch.cat([prompt_embeds.expand(n, -1, -1), option_embeds], dim=1)
         logits = model.decoder(inputs_embeds=embeds, attention_mask=model.attention_bias(ids, attention),

@@ -221,5 +221,5 @@ def beam_search(
     length = max((len(h) for h in best), default=0)
     out_tokens = input_ids.new_full((batch, length), pad_token_id)
     for b, hypothesis in enumerate(best):
-        out_tokens[b, : len(hypothesis)] = torch.tensor(hypothesis, dtype=torch.long)
+        out_tokens[b, : len(hypothesis)] = torch.tensor(hypothesis, dtype=torch.long, device=out_tokens.device)
     return out_tokens

@@ -50,8 +50,12 @@ class LLMJudge:
 
     def __init__(self, name_or_path: str, prompt: str = LAVE_PROMPT, max_new_tokens: int = 64,
                  batch_size: int = 8, use_chat_template: bool = True, levels: int = 3,
-                 pattern: str = RATING_PATTERN, dtype: str | None = None, trust_remote_code: bool = False) -> None:
+                 pattern: str = RATING_PATTERN, dtype: str | None = "auto", trust_remote_code: bool = False,
+                 device: str | None = "auto") -> None:
+        """`device`/`dtype`: where the judge runs (vlm.device; auto: CUDA in bf16 when available, else CPU fp32)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from vlm.device import resolve_device
 
         self.prompt, self.max_new_tokens, self.batch_size = prompt, int(max_new_tokens), int(batch_size)
         self.levels, self.pattern = int(levels), pattern
@@ -59,8 +63,9 @@ class LLMJudge:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.device, dtype = resolve_device(device, dtype)
         self.model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, dtype=getattr(torch, dtype) if dtype else None, trust_remote_code=trust_remote_code).eval()
+            name_or_path, dtype=dtype, trust_remote_code=trust_remote_code).to(self.device).eval()
         self.use_chat_template = use_chat_template and bool(getattr(self.tokenizer, "chat_template", None))
 
     def prompt_for(self, item: dict[str, Any]) -> str:
@@ -76,7 +81,7 @@ class LLMJudge:
         out: list[tuple[str, int | None]] = []
         for start in range(0, len(items), self.batch_size):
             prompts = [self.prompt_for(it) for it in items[start : start + self.batch_size]]
-            batch = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+            batch = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
             tokens = self.model.generate(**batch, max_new_tokens=self.max_new_tokens, do_sample=False,
                                          pad_token_id=self.tokenizer.pad_token_id)
             for row in tokens[:, batch["input_ids"].shape[1] :]:
@@ -101,15 +106,22 @@ class JudgeTask(VQATask):
                               "batch_size": judge_batch_size, "use_chat_template": use_chat_template,
                               "levels": len(scores), "pattern": rating_pattern, "dtype": judge_dtype}
         self.scores = [float(s) for s in scores]
+        self.runtime: dict[str, Any] = {"device": "auto", "dtype": "auto", "trust_remote_code": False}
 
     def run(self, model_dir: str | Path | None = None, predictions: str | Path | None = None,
-            out_dir: str | Path = ".") -> dict[str, float]:
+            out_dir: str | Path = ".", device: str = "auto", dtype: str = "auto",
+            trust_remote_code: bool = False) -> dict[str, float]:
+        """As `Task.run`; the judge runs on the same `device`, in `judge_dtype` if set, else in `dtype`."""
         if not self.judge:
             raise ValueError("task.judge is not set: give the judge LM's name or path")
-        return super().run(model_dir, predictions, out_dir)
+        self.runtime = {"device": device, "dtype": dtype, "trust_remote_code": trust_remote_code}
+        return super().run(model_dir, predictions, out_dir, device, dtype, trust_remote_code)
 
     def score(self, predictions: list[dict[str, Any]]) -> dict[str, float]:
-        judge = LLMJudge(self.judge, **self.judge_options)
+        options = {**self.judge_options, "device": self.runtime["device"],
+                   "dtype": self.judge_options["dtype"] or self.runtime["dtype"],
+                   "trust_remote_code": self.runtime["trust_remote_code"]}
+        judge = LLMJudge(self.judge, **options)
         ratings = judge.rate(predictions)
         del judge
         by_type: dict[str, list[float]] = defaultdict(list)

@@ -105,12 +105,13 @@ class RetrievalTask:
         return self.score(*self.similarity(model))
 
     def run(self, model_dir: str | Path | None = None, predictions: str | Path | None = None,
-            out_dir: str | Path = ".") -> dict[str, float]:
+            out_dir: str | Path = ".", device: str = "auto", dtype: str = "auto",
+            trust_remote_code: bool = False) -> dict[str, float]:
         if predictions:
             raise ValueError("retrieval scores a model's embeddings: give model_dir=PATH, not predictions")
         if not model_dir:
             raise ValueError("give model_dir=PATH (a clip run's model directory)")
-        pairs, similarity = self.similarity(load_dual_encoder(model_dir))
+        pairs, similarity = self.similarity(load_dual_encoder(model_dir, device, dtype, trust_remote_code))
         metrics = self.score(pairs, similarity)
         top = similarity.topk(min(5, similarity.shape[1]), dim=1).indices
         with open(Path(out_dir) / "predictions.jsonl", "w") as f:

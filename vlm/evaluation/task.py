@@ -1,7 +1,8 @@
 """The protocol every evaluation task follows, so `vlm.run.run_evaluation` can run any of them the same way.
 
-`run(model_dir=None, predictions=None, out_dir)`: either generate predictions with a model directory, or read a
-predictions file written by any model (scoring without a model); then score them, write `predictions.jsonl`
+`run(model_dir=None, predictions=None, out_dir, device="auto", dtype="auto")`: either generate predictions with a
+model directory (on `device` in `dtype`, vlm.device), or read a predictions file written by any model (scoring
+without a model); then score them, write `predictions.jsonl`
 (id, question, prediction, references, score, plus the task's own fields) and `predictions.png` (a grid of
 sample images, green or red), and return flat metrics named `<task>/<metric>`.
 
@@ -100,11 +101,12 @@ class Task:
                                     num_beams=self.num_beams)
         return [{**it, "prediction": reply} for it, reply in zip(items, replies)]
 
-    def predict(self, model_dir: str | Path) -> list[dict[str, Any]]:
+    def predict(self, model_dir: str | Path, device: str = "auto", dtype: str = "auto",
+                trust_remote_code: bool = False) -> list[dict[str, Any]]:
         """Answer every item. Only the first `picture_samples` keep their image in memory (for the picture)."""
         from vlm.evaluation.answerer import Answerer
 
-        answerer = Answerer.from_dir(model_dir)
+        answerer = Answerer.from_dir(model_dir, device, dtype, trust_remote_code)
         predictions: list[dict[str, Any]] = []
         for items in self.batches():
             for p in self.predict_batch(answerer, items):
@@ -123,12 +125,13 @@ class Task:
         return predictions
 
     def run(self, model_dir: str | Path | None = None, predictions: str | Path | None = None,
-            out_dir: str | Path = ".") -> dict[str, float]:
+            out_dir: str | Path = ".", device: str = "auto", dtype: str = "auto",
+            trust_remote_code: bool = False) -> dict[str, float]:
         """Predict (or read predictions), score, write predictions.jsonl and predictions.png; return the metrics."""
         if predictions:
             preds = self.read_predictions(predictions)
         elif model_dir:
-            preds = self.predict(model_dir)
+            preds = self.predict(model_dir, device, dtype, trust_remote_code)
         else:
             raise ValueError("give model_dir=PATH (to answer the questions) or predictions=FILE.jsonl (to score them)")
         if not preds:

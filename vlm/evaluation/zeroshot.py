@@ -29,11 +29,12 @@ def image_of(sample: Mapping[str, Any]) -> Any:
 
 @torch.no_grad()
 def embed_images(model: Any, processor: Any, images: Sequence[Any], batch_size: int) -> torch.Tensor:
-    """(N, E) normalised image embeddings, unmasked (the model is put in eval mode by the caller)."""
+    """(N, E) normalised image embeddings, unmasked (the model is put in eval mode by the caller), computed on the
+    model's device and returned in fp32 on the host, where the metrics are computed."""
     device = next(model.parameters()).device
     out = [model.encode_image(processor.images(images[i : i + batch_size]).to(device))
            for i in range(0, len(images), batch_size)]
-    return torch.cat(out).float() if out else torch.empty(0, model.embed_dim)
+    return torch.cat(out).float().cpu() if out else torch.empty(0, model.embed_dim)
 
 
 @torch.no_grad()
@@ -43,16 +44,19 @@ def embed_texts(model: Any, processor: Any, texts: Sequence[str], batch_size: in
     for i in range(0, len(texts), batch_size):
         ids, mask = processor.texts(texts[i : i + batch_size])
         out.append(model.encode_text(ids.to(device), mask.to(device)))
-    return torch.cat(out).float()
+    return torch.cat(out).float().cpu()
 
 
-def load_dual_encoder(model_dir: str | Path) -> Any:
+def load_dual_encoder(model_dir: str | Path, device: str = "auto", dtype: str = "auto",
+                      trust_remote_code: bool = False) -> Any:
+    """A CLIP model directory (read as data, vlm.models.registry) on `device` in `dtype` (vlm.device)."""
+    from vlm.device import place
     from vlm.models.clip import ClipModel
 
-    model, tokenizer = ClipModel.from_pretrained(model_dir)
+    model, tokenizer = ClipModel.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     if tokenizer is None:
         raise ValueError(f"{model_dir} holds no tokenizer")
-    return model.eval()
+    return place(model, device, dtype)
 
 
 class ZeroShotTask:
@@ -167,7 +171,8 @@ class ZeroShotTask:
         return metrics
 
     def run(self, model_dir: str | Path | None = None, predictions: str | Path | None = None,
-            out_dir: str | Path = ".") -> dict[str, float]:
+            out_dir: str | Path = ".", device: str = "auto", dtype: str = "auto",
+            trust_remote_code: bool = False) -> dict[str, float]:
         if predictions:  # score a file of {"label", "prediction"} rows from any model
             with open(predictions) as f:
                 preds = [json.loads(line) for line in f if line.strip()]
@@ -176,7 +181,7 @@ class ZeroShotTask:
             correct = [float(p["prediction"] == p["label"]) for p in preds]
             metrics = {"zeroshot/top1": sum(correct) / len(correct), "zeroshot/count": float(len(correct))}
         elif model_dir:
-            preds, logits, targets = self.predict(load_dual_encoder(model_dir))
+            preds, logits, targets = self.predict(load_dual_encoder(model_dir, device, dtype, trust_remote_code))
             metrics = self.score(logits, targets)
         else:
             raise ValueError("give model_dir=PATH (a clip run's model directory) or predictions=FILE.jsonl")

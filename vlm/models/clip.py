@@ -28,14 +28,16 @@ from vlm.losses import (
     distributed_loss,
     siglip_loss,
 )
-from vlm.models.directory import instantiate_part as _instantiate, plain as _plain, write_model_directory
+from vlm.models.directory import plain as _plain, write_model_directory
 from vlm.models.encoders.base import WEIGHTS_NAME, VisionEncoder
+from vlm.models.registry import build, build_part, check_file
 from vlm.models.text_encoders import TextEncoder
 
 CONFIG_NAME = "clip.yaml"
 LOSSES = ("clip", "siglip")
 IMAGE_POOLINGS = ("encoder", "mean")
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+PARTS = {"encoder": "encoder", "text_encoder": "text_encoder"}  # config key -> registry kind
 
 
 class ContrastiveHead(nn.Module):
@@ -95,19 +97,24 @@ class ClipModel(nn.Module):
 
     # ---- building -------------------------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any], tokenizer: Any = None) -> ClipModel:
-        """Instantiate the parts of a model config (`encoder`, `text_encoder` Hydra specs, `embed_dim`, `loss`).
+    def from_config(cls, cfg: Mapping[str, Any], tokenizer: Any = None, trusted: bool = True,
+                    trust_remote_code: bool | None = None) -> ClipModel:
+        """Build the parts of a model config (`encoder`, `text_encoder`: Hydra specs or registered types,
+        `embed_dim`, `loss`); `trusted=False` for a config read back from disk (vlm.models.registry).
 
         With a tokenizer, a text tower built from its config gets one embedding row per tokenizer entry and the
         tokenizer's special ids; a pretrained tower grows only if the tokenizer is larger than its vocabulary.
         """
         cfg = _plain(cfg)
+        if not trusted:
+            check_file(cfg, PARTS, "model config")
         text_spec = dict(cfg["text_encoder"])
         if tokenizer is not None and not text_spec.get("pretrained") and text_spec.get("config") is not None:
             text_spec["config"] = {**text_spec["config"], "vocab_size": len(tokenizer),
                                    **_special_ids(tokenizer, text_spec["config"])}
-        encoder = _instantiate(cfg["encoder"])
-        text_encoder = _instantiate(text_spec)
+        options = {"trusted": trusted, "trust_remote_code": trust_remote_code}
+        encoder = build_part("encoder", cfg["encoder"], "model.encoder", **options)
+        text_encoder = build_part("text_encoder", text_spec, "model.text_encoder", **options)
         if tokenizer is not None:
             text_encoder.fit_vocabulary(len(tokenizer))
         model = cls(encoder, text_encoder, embed_dim=cfg.get("embed_dim", 512), loss=cfg.get("loss", "clip"),
@@ -187,23 +194,29 @@ class ClipModel(nn.Module):
         return write_model_directory(self, directory, self.export_config(), CONFIG_NAME, WEIGHTS_NAME, tokenizer)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> tuple[ClipModel, Any]:
-        """Load a model directory -> (model, tokenizer or None); nothing is downloaded; every weight must be present."""
+    def from_pretrained(cls, directory: str | Path, trust_remote_code: bool = False) -> tuple[ClipModel, Any]:
+        """Load a model directory -> (model, tokenizer or None); nothing is downloaded; every weight must be present.
+        Parts are rebuilt through the registry of part types: `clip.yaml` never names code (vlm.models.registry)."""
         from omegaconf import OmegaConf
         from safetensors.torch import load_model
 
         directory = Path(directory)
         if not (directory / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"{directory} is not a CLIP model directory (no {CONFIG_NAME})")
+        where = str(directory / CONFIG_NAME)
         spec = OmegaConf.to_container(OmegaConf.load(directory / CONFIG_NAME))
-        model = cls(_instantiate(spec["encoder"]), _instantiate(spec["text_encoder"]), spec["embed_dim"],
-                    spec.get("loss", "clip"), image_pooling=spec.get("image_pooling", "encoder"), config=spec)
+        check_file(spec, PARTS, where)
+        encoder = build("encoder", spec["encoder"], f"{where}: encoder")
+        text_encoder = build("text_encoder", spec["text_encoder"], f"{where}: text_encoder",
+                             trust_remote_code=trust_remote_code)
+        model = cls(encoder, text_encoder, spec["embed_dim"], spec.get("loss", "clip"),
+                    image_pooling=spec.get("image_pooling", "encoder"), config=spec)
         load_model(model, directory / WEIGHTS_NAME, strict=True)
         tokenizer = None
         if any((directory / name).is_file() for name in TOKENIZER_FILES):
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(str(directory))
+            tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
         model.tokenizer = tokenizer
         return model, tokenizer
 
@@ -266,20 +279,21 @@ class ClipProcessor:
                 "pixel_values": self.image(record.images[0]), "key": record.key}
 
 
-def load_clip_model(model_cfg: Mapping[str, Any], init_from: str | Path | None = None) -> tuple[ClipModel, Any]:
+def load_clip_model(model_cfg: Mapping[str, Any], init_from: str | Path | None = None, trusted: bool = True,
+                    trust_remote_code: bool | None = None) -> tuple[ClipModel, Any]:
     """A dual encoder from its config, or the CLIP model directory `init_from` at the config's resolution.
 
     Returns (model, tokenizer). The tokenizer is loaded as it is (no VLM special tokens); a pad token is set to the
-    end-of-text token if it has none.
+    end-of-text token if it has none. `trusted`: as in `vlm.loading.load_model`.
     """
     if init_from:
-        model, tokenizer = ClipModel.from_pretrained(init_from)
+        model, tokenizer = ClipModel.from_pretrained(init_from, trust_remote_code=bool(trust_remote_code))
         size = (model_cfg.get("encoder") or {}).get("image_size")
         if size and size != model.encoder.image_size:
             model.encoder.set_image_size(size)
         return model, tokenizer
     tokenizer = load_text_tokenizer(model_cfg["tokenizer"])
-    return ClipModel.from_config(model_cfg, tokenizer), tokenizer
+    return ClipModel.from_config(model_cfg, tokenizer, trusted, trust_remote_code), tokenizer
 
 
 def load_text_tokenizer(name_or_path: str | Path) -> Any:

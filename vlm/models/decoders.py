@@ -11,13 +11,18 @@ from typing import Any
 import torch
 
 BOOKKEEPING_KEYS = ("_name_or_path", "architectures", "transformers_version", "id2label", "label2id", "dtype")
+PART_TYPE = "hf_causal_lm"  # its name in vlm.models.registry
 
 
 def _dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     # None means float32, not transformers' "auto" (which would follow the checkpoint): training wants fp32 masters.
     if dtype is None:
         return torch.float32
-    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if isinstance(dtype, str):  # a name from a config: only ever a dtype, never another attribute of torch
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"decoder dtype {dtype!r} is not a torch dtype (e.g. float32, bfloat16)")
+        return getattr(torch, dtype)
+    return dtype
 
 
 def build_decoder(
@@ -52,13 +57,13 @@ def build_decoder(
 
 
 def decoder_export_config(decoder: Any, trust_remote_code: bool = False) -> dict[str, Any]:
-    """A Hydra-instantiable dict that rebuilds `decoder` offline: its current config (resized vocabulary included),
-    random weights, same dtype and attention implementation."""
+    """The `vlm.yaml` spec (a registered type, plain arguments) that rebuilds `decoder` offline: its current config
+    (resized vocabulary included), random weights, same dtype and attention implementation."""
     if hasattr(decoder, "merge_and_unload"):
         raise ValueError("the decoder still carries LoRA adapters: merge them (merge_and_unload) before saving")
     config = decoder.config
     return {
-        "_target_": f"{build_decoder.__module__}.{build_decoder.__qualname__}",
+        "type": PART_TYPE,
         "name_or_path": getattr(config, "_name_or_path", None) or None,
         "config": {k: v for k, v in config.to_dict().items() if k not in BOOKKEEPING_KEYS},
         "pretrained": False,

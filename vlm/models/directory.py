@@ -15,13 +15,6 @@ def plain(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
 
 
-def instantiate_part(spec: Mapping[str, Any], **kwargs: Any) -> Any:
-    """Build a part from its `_target_` config, containers converted to plain Python."""
-    from hydra.utils import instantiate
-
-    return instantiate(spec, _convert_="all", **kwargs)
-
-
 def swap_in(tmp: Path, directory: Path) -> None:
     """Replace `directory` by the finished `tmp` so a reader never sees a half-written model directory."""
     if not directory.exists():

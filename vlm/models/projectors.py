@@ -1,7 +1,8 @@
 """Projectors: vision tokens (N, T, in_dim) -> language-model embeddings (N, T', out_dim).
 
 The model fills `in_dim` (encoder width) and `out_dim` (decoder width); Hydra configs give the rest with
-`_partial_: true`. `num_tokens` tells the processor how many `<image>` placeholders one tile needs.
+`_partial_: true`, saved model directories with a registered `type` (vlm.models.registry). `num_tokens` tells the
+processor how many `<image>` placeholders one tile needs.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ def mlp(in_dim: int, out_dim: int, depth: int) -> nn.Module:
 class Projector(nn.Module):
     """Base: keeps its constructor options so a saved model can rebuild it (`export_config`)."""
 
+    part_type: str  # its name in vlm.models.registry
+
     def __init__(self, in_dim: int, out_dim: int, **options: Any) -> None:
         super().__init__()
         self.in_dim, self.out_dim, self.options = in_dim, out_dim, options
@@ -35,10 +38,12 @@ class Projector(nn.Module):
         return t_in
 
     def export_config(self) -> dict[str, Any]:
-        return {"_target_": f"{type(self).__module__}.{type(self).__qualname__}", "_partial_": True, **self.options}
+        return {"type": self.part_type, **self.options}
 
 
 class LinearProjector(Projector):
+    part_type = "linear"
+
     def __init__(self, in_dim: int, out_dim: int) -> None:
         super().__init__(in_dim, out_dim)
         self.proj = nn.Linear(in_dim, out_dim)
@@ -50,6 +55,8 @@ class LinearProjector(Projector):
 class MLPProjector(Projector):
     """LLaVA-1.5's projector: Linear-GELU-Linear at `depth=2`."""
 
+    part_type = "mlp"
+
     def __init__(self, in_dim: int, out_dim: int, depth: int = 2) -> None:
         super().__init__(in_dim, out_dim, depth=depth)
         self.proj = mlp(in_dim, out_dim, depth)
@@ -60,6 +67,8 @@ class MLPProjector(Projector):
 
 class GITProjector(Projector):
     """GIT's projector: Linear + LayerNorm, so image tokens arrive at the scale of the text embeddings."""
+
+    part_type = "git"
 
     def __init__(self, in_dim: int, out_dim: int, eps: float = 1e-5) -> None:
         super().__init__(in_dim, out_dim, eps=eps)
@@ -75,6 +84,8 @@ class PixelShuffleProjector(Projector):
 
     Fewer, wider tokens (Idefics3 / nanoVLM): the decoder sees factor^2 times shorter image runs.
     """
+
+    part_type = "pixel_shuffle"
 
     def __init__(self, in_dim: int, out_dim: int, factor: int = 2, depth: int = 1) -> None:
         super().__init__(in_dim, out_dim, factor=factor, depth=depth)

@@ -28,6 +28,8 @@ class TextEncoder(nn.Module):
     max_length: the longest tokenized text the processor keeps (at most the tower's position table).
     """
 
+    part_type = "hf_text"  # its name in vlm.models.registry
+
     def __init__(
         self,
         name_or_path: str | None = None,
@@ -87,9 +89,9 @@ class TextEncoder(nn.Module):
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
     def export_config(self) -> dict[str, Any]:
-        """A Hydra-instantiable dict that rebuilds this tower offline: random weights, identical shapes."""
+        """The saved spec (`type` + plain arguments) that rebuilds this tower offline: random weights, same shapes."""
         return {
-            "_target_": f"{type(self).__module__}.{type(self).__qualname__}",
+            "type": self.part_type,
             "name_or_path": self.name_or_path,
             "config": clean_text_config(self.model.config),
             "pretrained": False,

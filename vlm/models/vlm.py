@@ -8,7 +8,6 @@ export work on it as on any LM. `attention="prefix"` lets the tokens of one imag
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,13 +18,15 @@ from torch import nn
 
 from vlm.models.decoders import decoder_export_config
 from vlm.models.encoders.base import WEIGHTS_NAME, VisionEncoder
-from vlm.models.directory import instantiate_part as _instantiate, plain as _plain, write_model_directory
+from vlm.models.directory import plain as _plain, write_model_directory
+from vlm.models.registry import build, build_part, check_file
 
 IMAGE_TOKEN = "<image>"  # the placeholder of the tokens contract (vlm/data/tokens.py)
 CONFIG_NAME = "vlm.yaml"
 ATTENTIONS = ("causal", "prefix")
 IGNORE_INDEX = -100  # label of tokens that carry no loss (the processor's and Hugging Face's convention)
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+PARTS = {"encoder": "encoder", "projector": "projector", "decoder": "decoder"}  # config key -> registry kind
 
 
 class VisionLanguageModel(nn.Module):
@@ -52,24 +53,31 @@ class VisionLanguageModel(nn.Module):
 
     # ---- building -------------------------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any], tokenizer: Any = None) -> VisionLanguageModel:
-        """Instantiate the parts of a model config (`encoder`, `projector` partial, `decoder` Hydra specs).
+    def from_config(cls, cfg: Mapping[str, Any], tokenizer: Any = None, trusted: bool = True,
+                    trust_remote_code: bool | None = None) -> VisionLanguageModel:
+        """Build the parts of a model config (`encoder`, `projector` partial, `decoder`: Hydra specs or registered
+        types). `trusted=False` for a config read back from disk (a run's config.yaml): registered types only, and
+        `trust_remote_code` from the caller (vlm.models.registry).
 
         With a tokenizer the decoder's vocabulary is resized to `len(tokenizer)` and `<image>` is looked up.
         """
         cfg = _plain(cfg)
-        encoder = _instantiate(cfg["encoder"])
+        if not trusted:
+            check_file(cfg, PARTS, "model config")
+        options = {"trusted": trusted, "trust_remote_code": trust_remote_code}
+        encoder = build_part("encoder", cfg["encoder"], "model.encoder", **options)
         decoder_spec = dict(cfg["decoder"])
         if tokenizer is not None and decoder_spec.get("config") and not decoder_spec.get("pretrained"):
             # Random weights: size the vocabulary right away. Resizing afterwards would give every added row
             # the same mean embedding, and words that only the tokenizer knows would start indistinguishable.
             decoder_spec["config"] = {**decoder_spec["config"], "vocab_size": len(tokenizer)}
-        decoder = _instantiate(decoder_spec)
+        decoder = build_part("decoder", decoder_spec, "model.decoder", **options)
         image_token_id = -1
         if tokenizer is not None:
             resize_vocabulary(decoder, len(tokenizer))
             image_token_id = image_token_id_of(tokenizer)
-        projector = build_projector(cfg["projector"], encoder.hidden_size, _embedding_dim(decoder))
+        projector = build_part("projector", cfg["projector"], "model.projector", **options,
+                               in_dim=encoder.hidden_size, out_dim=_embedding_dim(decoder))
         return cls(encoder, projector, decoder, image_token_id, cfg.get("attention", "causal"), config=cfg)
 
     @property
@@ -192,19 +200,24 @@ class VisionLanguageModel(nn.Module):
         return write_model_directory(self, directory, self.export_config(), CONFIG_NAME, WEIGHTS_NAME, tokenizer)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> tuple[VisionLanguageModel, Any]:
-        """Load a model directory -> (model, tokenizer or None). Parts are rebuilt from `vlm.yaml`; nothing is
-        downloaded; every weight must be present."""
+    def from_pretrained(cls, directory: str | Path,
+                        trust_remote_code: bool = False) -> tuple[VisionLanguageModel, Any]:
+        """Load a model directory -> (model, tokenizer or None). Parts are rebuilt from `vlm.yaml` through the
+        registry of part types (the file is data: it never names code to run, vlm.models.registry); nothing is
+        downloaded; every weight must be present. `trust_remote_code` is the caller's, never the file's."""
         from omegaconf import OmegaConf
         from safetensors.torch import load_model
 
         directory = Path(directory)
         if not (directory / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"{directory} is not a model directory (no {CONFIG_NAME})")
+        where = str(directory / CONFIG_NAME)
         spec = OmegaConf.to_container(OmegaConf.load(directory / CONFIG_NAME))
-        encoder = _instantiate(spec["encoder"])
-        decoder = _instantiate(spec["decoder"])
-        projector = build_projector(spec["projector"], encoder.hidden_size, _embedding_dim(decoder))
+        check_file(spec, PARTS, where)
+        encoder = build("encoder", spec["encoder"], f"{where}: encoder")
+        decoder = build("decoder", spec["decoder"], f"{where}: decoder", trust_remote_code=trust_remote_code)
+        projector = build("projector", spec["projector"], f"{where}: projector", in_dim=encoder.hidden_size,
+                          out_dim=_embedding_dim(decoder))
         model = cls(encoder, projector, decoder, spec.get("image_token_id", -1), spec.get("attention", "causal"),
                     config=spec)
         load_model(model, directory / WEIGHTS_NAME, strict=True)
@@ -212,17 +225,11 @@ class VisionLanguageModel(nn.Module):
         if any((directory / name).is_file() for name in TOKENIZER_FILES):
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(str(directory))
+            tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
         return model, tokenizer
 
 
 # ---- helpers ----------------------------------------------------------------------------------------------------
-def build_projector(spec: Mapping[str, Any], in_dim: int, out_dim: int) -> nn.Module:
-    """Instantiate a projector spec (partial or not) with the encoder's and decoder's widths."""
-    projector = _instantiate(spec, in_dim=in_dim, out_dim=out_dim)
-    return projector() if isinstance(projector, functools.partial) else projector
-
-
 def resize_vocabulary(decoder: nn.Module, size: int) -> None:
     """Give the decoder one embedding row per tokenizer entry; new rows start near the mean of the old ones."""
     if decoder.get_input_embeddings().num_embeddings != size:

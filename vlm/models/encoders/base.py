@@ -26,6 +26,7 @@ class VisionEncoder(nn.Module, ABC):
     (CLS and register tokens the backbone produces), `feature_layer` and `drop_cls`.
     """
 
+    part_type: str  # its name in vlm.models.registry, written into saved model directories
     hidden_size: int
     patch_size: int
     image_size: int
@@ -79,7 +80,7 @@ class VisionEncoder(nn.Module, ABC):
 
     @abstractmethod
     def export_config(self) -> dict[str, Any]:
-        """A Hydra-instantiable dict that rebuilds this encoder offline: random weights, identical shapes."""
+        """The saved spec (`type` + plain arguments) that rebuilds this encoder offline: random weights, same shapes."""
 
     def position_tables(self) -> dict[str, int]:
         """State-dict keys of learned position tables -> number of leading prefix rows (not on the grid)."""

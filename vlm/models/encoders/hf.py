@@ -44,6 +44,8 @@ class HFVisionEncoder(VisionEncoder):
     count blocks from the end (-2 is LLaVA's penultimate layer), non-negative values are block indices.
     """
 
+    part_type = "hf_vision"
+
     def __init__(
         self,
         family: str,
@@ -136,7 +138,7 @@ class HFVisionEncoder(VisionEncoder):
 
     def export_config(self) -> dict[str, Any]:
         return {
-            "_target_": f"{type(self).__module__}.{type(self).__qualname__}",
+            "type": self.part_type,
             "family": self.family,
             "name_or_path": self.name_or_path,
             "config": clean_config(self.model.config),

@@ -12,6 +12,8 @@ from vlm.models.encoders.base import VisionEncoder
 class TimmEncoder(VisionEncoder):
     """A timm ViT; `timm_kwargs` override the architecture (patch_size, embed_dim, depth, num_heads, ...)."""
 
+    part_type = "timm_vit"
+
     def __init__(
         self,
         model_name: str,
@@ -88,7 +90,7 @@ class TimmEncoder(VisionEncoder):
 
     def export_config(self) -> dict[str, Any]:
         return {
-            "_target_": f"{type(self).__module__}.{type(self).__qualname__}",
+            "type": self.part_type,
             "model_name": self.model_name,
             "pretrained": False,
             "image_size": self.image_size,
