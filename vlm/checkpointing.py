@@ -262,6 +262,9 @@ def main(argv: list[str] | None = None) -> Path:
     model, tokenizer = load_model(OmegaConf.to_container(cfg.model, resolve=True), cfg.get("init_from"))
     stage = instantiate(cfg.stage, model=model, optim=OmegaConf.to_container(cfg.optim), _convert_="all")
     info = apply_checkpoint(stage, args.checkpoint)
+    from vlm.stages.base import check_finite
+
+    check_finite(stage.model, f"checkpoint {args.checkpoint}")
     out = stage.export(args.out, tokenizer)
     print(f"{args.checkpoint} ({describe_base(info)}) -> {out}")
     return out

@@ -62,7 +62,9 @@ def run_stage(cfg: DictConfig) -> Path:
     datamodule = instantiate(data_cfg)(processor=processor)
     stage = instantiate(cfg.stage, model=model, optim=_plain(cfg.optim), _convert_="all")
     stage.base_weights = {"init_from": cfg.get("init_from"), "seed": cfg.seed, "model": _plain(cfg.model)}
-    stage.nonfinite_loss = (cfg.get("guards") or {}).get("nonfinite_loss", "stop")
+    guards = cfg.get("guards") or {}
+    stage.nonfinite_loss = guards.get("nonfinite_loss", "stop")
+    stage.max_consecutive_skips = guards.get("max_consecutive_skips", 10)
 
     loggers = _instantiate_all(cfg.get("logger"))
     if ckpt_path is not None and rank0:
@@ -89,6 +91,9 @@ def run_stage(cfg: DictConfig) -> Path:
     model_dir = run_dir / "model"
     stage.gather_for_export()  # a collective under FSDP2; nothing otherwise
     if trainer.is_global_zero:
+        from vlm.stages.base import check_finite
+
+        check_finite(stage.model, f"[{stage.stage_name}] the trained model")
         stage.export(model_dir, tokenizer)
         skipped = datamodule.skipped() if hasattr(datamodule, "skipped") else {}
         log.info("[%s] model directory: %s; skipped samples: %s", stage.stage_name, model_dir, skipped or "none")
