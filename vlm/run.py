@@ -83,11 +83,19 @@ def run_stage(cfg: DictConfig) -> Path:
     holder["trainer"] = trainer
     if ckpt_path is not None:
         log.info("[%s] resuming from %s", stage.stage_name, ckpt_path)
-    trainer.fit(stage, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    if any(isinstance(cb, PreemptionCheckpoint) and cb.preempted for cb in trainer.callbacks):
-        raise Preempted(f"[{stage.stage_name}] stopped on the preemption signal at step {trainer.global_step} "
-                        f"after saving a checkpoint; resume with resume=auto run_dir={run_dir}")
+    try:
+        trainer.fit(stage, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
+    except SIGTERMException:  # Lightning's own handler (before training started): a SystemExit with status 0
+        raise Preempted(f"[{stage.stage_name}] stopped on SIGTERM before training started (nothing new saved); "
+                        f"resume with resume=auto run_dir={run_dir}", 128 + 15) from None
+
+    stopped = [cb for cb in trainer.callbacks if isinstance(cb, PreemptionCheckpoint) and cb.preempted]
+    if stopped:
+        signal_name = stopped[0]._received.name if stopped[0]._received is not None else "the preemption signal"
+        raise Preempted(f"[{stage.stage_name}] stopped on {signal_name} at step {trainer.global_step} after saving "
+                        f"a checkpoint; resume with resume=auto run_dir={run_dir}", stopped[0].exit_code)
     model_dir = run_dir / "model"
     stage.gather_for_export()  # a collective under FSDP2; nothing otherwise
     if trainer.is_global_zero:
