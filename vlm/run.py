@@ -28,6 +28,22 @@ def _instantiate_all(group: DictConfig | None) -> list[Any]:
 
 
 def run_stage(cfg: DictConfig) -> Path:
+    """Train one stage in `cfg.run_dir`, holding that directory's lock for the run (`vlm.run_lock`: a second run
+    there fails at once, naming the holder); see `train_stage`. Config values of the wrong type are errors first,
+    before any model is built (`vlm.config_check`)."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from vlm.config_check import check_config_types
+    from vlm.run_lock import RunDirLock
+
+    check_config_types(cfg)
+    if not cfg.get("stage"):
+        raise ValueError("no stage chosen: pass stage=lm|align|sft|clip")
+    with RunDirLock(Path(cfg.run_dir), enabled=rank_zero_only.rank == 0):
+        return train_stage(cfg)
+
+
+def train_stage(cfg: DictConfig) -> Path:
     """Train one stage and write its model directory; returns that directory.
 
     `resume`: null (fresh), `auto` (the newest complete checkpoint in `run_dir/checkpoints`, fresh if none) or a
