@@ -59,9 +59,10 @@ class SkipCounter:
     passed at their start (spawn), so `counts()` in the main process sums every worker's skips.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, warn: bool = True) -> None:
         self._array = multiprocessing.Array("q", len(SKIP_REASONS))
         self._warned: dict[str, int] = {}
+        self._warn_first = _WARN_FIRST if warn else 0
 
     def add(self, reason: str, detail: str = "") -> str:
         """Count one skip; returns the slot it was counted under."""
@@ -69,7 +70,7 @@ class SkipCounter:
         with self._array.get_lock():
             self._array[SKIP_REASONS.index(slot)] += 1
         seen = self._warned.get(reason, 0)
-        if seen < _WARN_FIRST:
+        if seen < getattr(self, "_warn_first", _WARN_FIRST):
             self._warned[reason] = seen + 1
             log.warning("skipping sample (%s)%s", reason, f": {detail}" if detail else "")
         return slot
@@ -322,7 +323,7 @@ def check_format(urls: Sequence[str], format: str, caption_field: str = "caption
     local = [u for u in urls if _plain_path(u)][:shards]
     if not local:
         return
-    counter = SkipCounter()
+    counter = SkipCounter(warn=False)  # the stream reports its own skips
     reasons: Counter[str] = Counter()
     for n, sample in enumerate(raw_samples(local, counter)):
         if n >= samples:
