@@ -432,8 +432,12 @@ class StreamDataset(IterableDataset):
         what = "training data" if self.train else "validation data"
         run = SkipRun(self.max_consecutive_skips, what, self.sample_fns[0].caption_field if self.sample_fns else "")
         raw = enumerate(self.raw_stream(epoch, stream, workers, salt, run))
-        if start:
-            raw = itertools.islice(raw, start, None)  # fast-forward over raw bytes: nothing is decoded
+        if start:  # fast-forward over raw bytes: nothing is decoded
+            run.pending = 1  # the skips passed over were counted by the interrupted run: they stop nothing now
+            for _ in itertools.islice(raw, start):
+                pass
+            run.pending = 0
+            run.used()
         handler = self.counter.handler("processing_error", run)
         for j in itertools.count():
             if quota is not None and j >= quota:
