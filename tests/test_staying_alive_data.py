@@ -202,7 +202,7 @@ def test_align_trains_on_converted_llava_stage1_data(tmp_path: Path, shapes: Pat
 
     cfg = compose_config(shapes.parent, ["stage=align", f"data.train={out / 'train.txt'}", "data.val=null",
                                          "data.test=null", "data.prepare=null", "trainer.max_steps=3",
-                                         f"run_dir={tmp_path / 'run'}", "data.max_consecutive_skips=100"])
+                                         f"run_dir={tmp_path / 'run'}"])
     model_dir = run_stage(cfg)
     assert (model_dir / "model.safetensors").is_file()
     rows = (tmp_path / "run" / "logs" / "metrics.csv").read_text()

@@ -69,24 +69,22 @@ def install_interruptions() -> None:
             sys.exit(3)
         signal.signal(signal.SIGUSR2, fake_submitit)
 
-        original_start = Stage.on_train_batch_start
-
-        def on_train_batch_start(self, batch, batch_idx):
-            original_start(self, batch, batch_idx)
-            if self.global_step == signal_at:
-                os.kill(os.getpid(), signal.SIGUSR2)
-        Stage.on_train_batch_start = on_train_batch_start
-
+        _send_at_step(Stage, signal_at, signal.SIGUSR2)
 
     sigterm_at = _env_step("VLM_TEST_SIGTERM_AT_STEP")
     if sigterm_at is not None:
-        previous_start = Stage.on_train_batch_start
+        _send_at_step(Stage, sigterm_at, signal.SIGTERM)
 
-        def sigterm_at_batch_start(self, batch, batch_idx):
-            previous_start(self, batch, batch_idx)
-            if self.global_step == sigterm_at:
-                os.kill(os.getpid(), signal.SIGTERM)
-        Stage.on_train_batch_start = sigterm_at_batch_start
+
+def _send_at_step(stage_class, step: int, sig: signal.Signals) -> None:
+    """Make every stage send this process `sig` when a training batch starts at optimizer step `step`."""
+    original_start = stage_class.on_train_batch_start
+
+    def on_train_batch_start(self, batch, batch_idx):
+        original_start(self, batch, batch_idx)
+        if self.global_step == step:
+            os.kill(os.getpid(), sig)
+    stage_class.on_train_batch_start = on_train_batch_start
 
 
 def compose_config(data_dir: str | Path, overrides: list[str]):

@@ -226,7 +226,10 @@ class Stage(L.LightningModule):
         flags = torch.zeros(3, device=device)  # loss, gradient norm, weights after the previous update
         if seen:
             flags[0] = torch.stack([~torch.isfinite(v.float()).all() for v, _ in seen]).any().float()
-        self._grad_norm = self._total_grad_norm(optimizer)
+        # under fp16 loss scaling the gradients are still scaled here and may overflow by design (the scaler skips
+        # those steps itself): no gradient check then, and Lightning's own clipping after unscaling
+        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        self._grad_norm = None if scaled else self._total_grad_norm(optimizer)
         if self._grad_norm is not None:
             flags[1] = (~torch.isfinite(_full(self._grad_norm))).float().to(device)
         weights_step = None
