@@ -28,6 +28,37 @@ from vlm.data.tokens import load_tokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
 
 
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    @property
+    def text(self) -> str:
+        return "\n".join(r.getMessage() for r in self.records)
+
+
+@pytest.fixture()
+def logs(monkeypatch):
+    """Warnings of our `vlm` loggers, collected by a handler on `vlm` itself: the root logger's configuration (which
+    caplog relies on) may have been changed by an earlier test in the session (Hydra's job logging, say)."""
+    handler = _Records()
+    logger = logging.getLogger("vlm")
+    for name, each in list(logging.Logger.manager.loggerDict.items()):
+        if isinstance(each, logging.Logger) and (name == "vlm" or name.startswith("vlm.")):
+            monkeypatch.setattr(each, "disabled", False)
+    monkeypatch.setattr(logging.root.manager, "disable", logging.NOTSET)
+    previous = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(previous)
+
+
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory) -> Path:
     return ensure_shapes(tmp_path_factory.mktemp("alive") / "shapes", num_train=200, num_val=20, num_test=20,
@@ -83,12 +114,11 @@ def _keys(batches) -> list[str]:
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_bad_shards_and_wrongly_typed_fields_are_counted_never_fatal(bad_shards: Path, processor: Processor,
-                                                                     workers: int, caplog) -> None:
+                                                                     workers: int, logs) -> None:
     dm = DataModule(processor, str(bad_shards), format="conversation", batch_size=4, num_workers=workers,
                     resampled=True, shuffle_buffer=0, val=str(bad_shards))
     loader = iter(dm.train_dataloader())
-    with caplog.at_level(logging.WARNING, logger="vlm.data.pipeline"):
-        batches = [next(loader) for _ in range(15)]  # an infinite stream that goes on drawing every shard
+    batches = [next(loader) for _ in range(15)]  # an infinite stream that goes on drawing every shard
     skipped = dm.skipped("train")
     assert skipped.get("read_error", 0) >= 4 and skipped.get("bad_json", 0) >= 1, skipped
     assert set(skipped) <= {"read_error", "bad_json"}
@@ -96,7 +126,7 @@ def test_bad_shards_and_wrongly_typed_fields_are_counted_never_fatal(bad_shards:
     assert "g001" not in keys and {"g000", "g002"} <= set(keys)
     assert all(k[0] in "gcz" for k in keys)
     if workers == 0:  # the first warnings name the shard
-        warned = [r.getMessage() for r in caplog.records if "read_error" in r.getMessage()]
+        warned = [r.getMessage() for r in logs.records if "read_error" in r.getMessage()]
         assert warned and all(re.search(r"shard \S+/(empty|notatar|cut)\.tar", m) for m in warned), warned
     # validation reads the same list in one pass, and evaluation too
     assert {"g000", "g011"} <= set(_keys(dm.val_dataloader()))
