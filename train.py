@@ -1,7 +1,7 @@
 """Train a stage, or with no arguments the quickstart recipe. See conf/train.yaml.
 
-A stage stopped by the preemption signal (it saved a checkpoint first) exits with status 3 and no model directory;
-run it again with resume=auto (hydra/launcher=slurm does so by itself).
+A stage stopped by the preemption signal (it saved a checkpoint first) exits with status 3 and no model directory,
+one stopped by SIGTERM with 143 (128 + 15); run it again with resume=auto (hydra/launcher=slurm does so by itself).
 """
 
 import sys
@@ -9,8 +9,6 @@ import sys
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
-
-PREEMPTED_EXIT = 3
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
@@ -28,7 +26,7 @@ def main(cfg: DictConfig) -> None:
             run_recipe(cfg, user_overrides=list(hydra_cfg.overrides.task))
     except Preempted as stopped:
         print(stopped, file=sys.stderr)
-        sys.exit(PREEMPTED_EXIT)
+        sys.exit(stopped.exit_code)
 
 
 if __name__ == "__main__":

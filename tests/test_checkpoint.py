@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 
-import pickle
 import signal
 from pathlib import Path
 
@@ -49,7 +48,9 @@ class NotAWeight:
 def test_loading_is_weights_only(tmp_path: Path) -> None:
     path = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "payload": NotAWeight()}, path)
-    with pytest.raises(pickle.UnpicklingError):
+    from vlm.checkpointing import CorruptCheckpoint
+
+    with pytest.raises(CorruptCheckpoint, match="never loaded with code execution allowed"):  # issue 17: our message
         AtomicCheckpointIO().load_checkpoint(path)
 
 

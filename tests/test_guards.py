@@ -102,3 +102,57 @@ def test_effective_batch_size_report_and_trainer_config() -> None:
                                           "trainer.accumulate_grad_batches=8", "guards.nonfinite_loss=skip"])
     assert cfg.trainer.gradient_clip_val == 0.5 and cfg.trainer.accumulate_grad_batches == 8
     assert cfg.guards.nonfinite_loss == "skip"
+
+
+# ---- issue 17: a diverged run never ends green --------------------------------------------------------------------
+def test_lr_1e30_stops_in_both_modes_naming_the_step(model_factory) -> None:
+    """The losses can stay finite for a step while the weights turn NaN: caught in both modes, at that update."""
+    for mode in ("stop", "skip"):
+        model = model_factory()
+        stage = GenerativeStage(model, trainable=["projector", "decoder"], optim={"lr": 1e30, "warmup_steps": 0})
+        stage.nonfinite_loss = mode
+        with pytest.raises(NonFiniteLossError, match=r"weights became NaN/inf in the update of step 0"):
+            fit(stage, batches(model, poisoned=None, n=6), 5, gradient_clip_val=1.0)
+
+
+def test_a_skipped_update_does_not_count_toward_max_steps(model_factory) -> None:
+    model = model_factory()
+    stage = GenerativeStage(model, trainable=["projector"], optim={"lr": 1e-2, "warmup_steps": 0})
+    stage.nonfinite_loss = "skip"
+    seen: list[int] = []
+    stage.on_train_batch_end = lambda outputs, batch, batch_idx: seen.append(batch_idx)
+    trainer = fit(stage, batches(model, poisoned=1, n=8), 3, gradient_clip_val=1.0)
+    assert stage.skipped_steps == 1 and trainer.global_step == 3
+    assert seen == [0, 1, 2, 3]  # four batches for three updates
+
+
+def test_consecutive_skips_stop_the_run(model_factory) -> None:
+    model = model_factory()
+    stage = GenerativeStage(model, trainable=["projector"], optim={"lr": 1e-2, "warmup_steps": 0})
+    stage.nonfinite_loss, stage.max_consecutive_skips = "skip", 3
+    data = batches(model, poisoned=0, n=1) * 10  # every batch poisoned
+    with pytest.raises(NonFiniteLossError, match=r"3 updates in a row skipped \(guards.max_consecutive_skips=3\)"):
+        fit(stage, data, 8)
+    assert stage.skipped_steps == 3
+
+
+def test_a_nonfinite_gradient_with_a_finite_loss_is_caught(model_factory) -> None:
+    model = model_factory()
+    stage = GenerativeStage(model, trainable=["projector"], optim={"lr": 1e-2, "warmup_steps": 0})
+    hook = next(model.projector.parameters()).register_hook(lambda grad: grad * float("inf"))
+    try:
+        with pytest.raises(NonFiniteLossError, match=r"non-finite gradient norm at step 0"):
+            fit(stage, batches(model, poisoned=None, n=3), 2, gradient_clip_val=1.0)
+    finally:
+        hook.remove()
+
+
+def test_no_model_directory_from_nonfinite_weights(model_factory) -> None:
+    from vlm.stages.base import check_finite
+
+    model = model_factory()
+    check_finite(model)
+    with torch.no_grad():
+        next(model.projector.parameters())[0] = float("nan")
+    with pytest.raises(NonFiniteLossError, match=r"1 tensors hold NaN/inf \(first: projector\."):
+        check_finite(model)

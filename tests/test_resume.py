@@ -1,5 +1,5 @@
-"""Exact resume (issue 5): a stage interrupted three ways - SIGKILL right after a checkpoint, SIGKILL while writing
-the next one, and the preemption signal - and resumed each time with `resume=auto`, ends with the weights and the
+"""Exact resume (issue 5): a stage interrupted four ways - SIGKILL right after a checkpoint, SIGKILL while writing
+the next one, the preemption signal, and SIGTERM (issue 17) - and resumed each time with `resume=auto`, ends with the weights and the
 logged curves of an uninterrupted run of the same length.
 
 The stage is `sft` with LoRA dropout, so the RNG state matters; data come from the shapes stream with
@@ -110,7 +110,16 @@ def test_killed_twice_and_preempted_run_resumes_to_the_uninterrupted_result(shap
     assert names[-1] == "step-00000006.ckpt" and not any(".tmp-" in p.name for p in (run / "checkpoints").iterdir())
     assert not (run / "model").exists()
 
-    # 4. the requeued job: resume=auto from the preemption checkpoint, to the end
+    # 4. resume=auto from step 6; SIGTERM during step 7: the checkpoint of step 7 is saved, the process exits 143
+    #    (not 0), no model directory
+    stopped = run_script("resume_run.py", shapes.parent, *RUN, f"run_dir={run}", "resume=auto",
+                         env={"VLM_TEST_SIGTERM_AT_STEP": "6"}, check=False, timeout=180)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stdout[-3000:]
+    assert "stopped on SIGTERM at step 7 after saving a checkpoint" in stopped.stdout
+    assert [p.name for p in list_checkpoints(run / "checkpoints")][-1] == "step-00000007.ckpt"
+    assert not (run / "model").exists()
+
+    # 5. resume=auto from the SIGTERM checkpoint, to the end
     run_here(shapes, run, "resume=auto")
 
     expected, got = load_file(reference / "model" / "model.safetensors"), load_file(run / "model" / "model.safetensors")

@@ -254,12 +254,20 @@ def _signal(name: str | int) -> signal.Signals:
     return signal.Signals[name if name.startswith("SIG") else f"SIG{name}"]
 
 
+PREEMPTED_EXIT = 3  # the exit status of a stage stopped by the preemption signal (saved, requeued)
+
+
 class Preempted(RuntimeError):
-    """The run stopped on a preemption signal after saving; the stage is not finished (no model directory)."""
+    """The run stopped on a preemption or stop signal after saving; the stage is not finished (no model directory).
+    `exit_code`: 3 after the preemption signal, 128 + the signal's number after a stop signal (143 for SIGTERM)."""
+
+    def __init__(self, message: str, exit_code: int = PREEMPTED_EXIT) -> None:
+        super().__init__(message)
+        self.exit_code = int(exit_code)
 
 
 class PreemptionCheckpoint(L.Callback):
-    """Save on the preemption signal, then requeue once.
+    """Save on the preemption signal, then requeue once; save on a stop signal (SIGTERM), then stop.
 
     The handler only records the signal. At the end of the current training step all ranks agree (a max-reduce of
     the flag), save `step-N.ckpt` (through the run's `StepCheckpoint` when there is one, else into `dirpath`) and
@@ -268,12 +276,18 @@ class PreemptionCheckpoint(L.Callback):
     with `requeue: true`, `scontrol requeue` from rank 0. The requeued job resumes with `resume=auto`. Lightning's
     own SLURM requeue is switched off by the runner (`vlm.distributed.cluster_plugins`). `preempted` tells the runner
     not to export a model directory.
+
+    `stop_signals` (default SIGTERM, what `kill`, `scancel` and container runtimes send) are handled the same way up
+    to the stop, but never requeue: the run saves the current step and the process exits with 128 + the signal's
+    number (143), so neither a scheduler nor a script mistakes it for success, and `resume=auto` continues it.
     """
 
     def __init__(self, dirpath: str | os.PathLike, signals: list[str] | tuple[str, ...] = ("USR2",),
-                 requeue: bool = True) -> None:
+                 requeue: bool = True, stop_signals: list[str] | tuple[str, ...] = ("TERM",)) -> None:
         self.dirpath = Path(dirpath)
-        self.signals = [_signal(s) for s in signals]
+        self.stop_signals = [_signal(s) for s in stop_signals or ()]
+        self.signals = [_signal(s) for s in signals] + [s for s in self.stop_signals if s not in
+                                                          [_signal(x) for x in signals]]
         self.requeue = requeue
         self.preempted = False
         self._received: signal.Signals | None = None
@@ -288,6 +302,13 @@ class PreemptionCheckpoint(L.Callback):
         for sig in self.signals:
             self._previous[sig] = signal.getsignal(sig)
             signal.signal(sig, self._handle)
+
+    @property
+    def exit_code(self) -> int:
+        """The process's exit status after this stop: 128 + signal for a stop signal, else `PREEMPTED_EXIT`."""
+        if self._received in self.stop_signals:
+            return 128 + int(self._received)
+        return PREEMPTED_EXIT
 
     def _handle(self, signum: int, frame: Any) -> None:
         log.warning("received %s: saving a checkpoint at the end of this step", signal.Signals(signum).name)
@@ -326,6 +347,8 @@ class PreemptionCheckpoint(L.Callback):
         if not self.preempted:
             return
         sig = self._received
+        if sig in self.stop_signals:
+            return  # stopped, not preempted: nothing to requeue
         handler = previous.get(sig) if sig is not None else None
         if callable(handler):
             log.warning("handing %s over to the handler installed before (%s)", sig.name,

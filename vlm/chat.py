@@ -132,7 +132,7 @@ def main(argv: Sequence[str] | None = None, read: Callable[[str], str] = input,
             try:
                 session.add_image(path)
                 write(f"(image {path} added to your next message)")
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, Image.DecompressionBombError) as exc:  # a bomb is refused, the chat goes on
                 write(f"(cannot open {path!r}: {exc})")
         else:
             try:

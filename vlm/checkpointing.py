@@ -39,6 +39,24 @@ _STEP = re.compile(r"step[-=](\d+)")
 _METADATA = "meta.pt"  # lightning.fabric.utilities.load._METADATA_FILENAME
 
 
+class CorruptCheckpoint(RuntimeError):
+    """A checkpoint file that cannot be read (torn, truncated, or not a checkpoint of tensors)."""
+
+
+def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """`torch.load(path, weights_only=True)`, with our own message when the file cannot be read: torch's advises
+    retrying with `weights_only=False`, which would run whatever code the file holds."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - zip, pickle and EOF errors of a damaged or foreign file
+        raise CorruptCheckpoint(
+            f"checkpoint {path} cannot be read ({type(exc).__name__}): it is damaged, cut short, or not a checkpoint "
+            "of tensors. It is never loaded with code execution allowed; resume from another checkpoint "
+            "(resume=auto takes the newest complete one, or pass resume=PATH)") from None
+
+
 # ---- writing -------------------------------------------------------------------------------------------------
 def partial_path(path: str | os.PathLike) -> Path:
     """Where the checkpoint `path` is assembled before it is renamed into place (hidden, never a candidate)."""
@@ -92,7 +110,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"checkpoint {path} not found")
-        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        return load_checkpoint_file(path, map_location=map_location or "cpu")
 
 
 # ---- finding ---------------------------------------------------------------------------------------------------
@@ -230,7 +248,7 @@ def load_trainable_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Ten
         dcp_load(loaded, checkpoint_id=str(path), no_dist=True)
         info = torch.load(path / _METADATA, weights_only=True).get("vlm") or {}
         return loaded["state_dict"], info
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = load_checkpoint_file(path)
     return checkpoint["state_dict"], checkpoint.get("vlm") or {}
 
 
@@ -290,6 +308,9 @@ def main(argv: list[str] | None = None) -> Path:
                                   trust_remote_code=args.trust_remote_code)
     stage = build("stage", stage_cfg, f"{config}: stage", model=model, optim=optim)
     info = apply_checkpoint(stage, args.checkpoint)
+    from vlm.stages.base import check_finite
+
+    check_finite(stage.model, f"checkpoint {args.checkpoint}")
     out = stage.export(args.out, tokenizer)
     print(f"{args.checkpoint} ({describe_base(info)}) -> {out}")
     return out

@@ -28,6 +28,22 @@ def _instantiate_all(group: DictConfig | None) -> list[Any]:
 
 
 def run_stage(cfg: DictConfig) -> Path:
+    """Train one stage in `cfg.run_dir`, holding that directory's lock for the run (`vlm.run_lock`: a second run
+    there fails at once, naming the holder); see `train_stage`. Config values of the wrong type are errors first,
+    before any model is built (`vlm.config_check`)."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from vlm.config_check import check_config_types
+    from vlm.run_lock import RunDirLock
+
+    check_config_types(cfg)
+    if not cfg.get("stage"):
+        raise ValueError("no stage chosen: pass stage=lm|align|sft|clip")
+    with RunDirLock(Path(cfg.run_dir), enabled=rank_zero_only.rank == 0):
+        return train_stage(cfg)
+
+
+def train_stage(cfg: DictConfig) -> Path:
     """Train one stage and write its model directory; returns that directory.
 
     `resume`: null (fresh), `auto` (the newest complete checkpoint in `run_dir/checkpoints`, fresh if none) or a
@@ -62,7 +78,9 @@ def run_stage(cfg: DictConfig) -> Path:
     datamodule = instantiate(data_cfg)(processor=processor)
     stage = instantiate(cfg.stage, model=model, optim=_plain(cfg.optim), _convert_="all")
     stage.base_weights = {"init_from": cfg.get("init_from"), "seed": cfg.seed, "model": _plain(cfg.model)}
-    stage.nonfinite_loss = (cfg.get("guards") or {}).get("nonfinite_loss", "stop")
+    guards = cfg.get("guards") or {}
+    stage.nonfinite_loss = guards.get("nonfinite_loss", "stop")
+    stage.max_consecutive_skips = guards.get("max_consecutive_skips", 10)
 
     loggers = _instantiate_all(cfg.get("logger"))
     if ckpt_path is not None and rank0:
@@ -81,14 +99,25 @@ def run_stage(cfg: DictConfig) -> Path:
     holder["trainer"] = trainer
     if ckpt_path is not None:
         log.info("[%s] resuming from %s", stage.stage_name, ckpt_path)
-    trainer.fit(stage, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    if any(isinstance(cb, PreemptionCheckpoint) and cb.preempted for cb in trainer.callbacks):
-        raise Preempted(f"[{stage.stage_name}] stopped on the preemption signal at step {trainer.global_step} "
-                        f"after saving a checkpoint; resume with resume=auto run_dir={run_dir}")
+    try:
+        trainer.fit(stage, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
+    except SIGTERMException:  # Lightning's own handler (before training started): a SystemExit with status 0
+        raise Preempted(f"[{stage.stage_name}] stopped on SIGTERM before training started (nothing new saved); "
+                        f"resume with resume=auto run_dir={run_dir}", 128 + 15) from None
+
+    stopped = [cb for cb in trainer.callbacks if isinstance(cb, PreemptionCheckpoint) and cb.preempted]
+    if stopped:
+        signal_name = stopped[0]._received.name if stopped[0]._received is not None else "the preemption signal"
+        raise Preempted(f"[{stage.stage_name}] stopped on {signal_name} at step {trainer.global_step} after saving "
+                        f"a checkpoint; resume with resume=auto run_dir={run_dir}", stopped[0].exit_code)
     model_dir = run_dir / "model"
     stage.gather_for_export()  # a collective under FSDP2; nothing otherwise
     if trainer.is_global_zero:
+        from vlm.stages.base import check_finite
+
+        check_finite(stage.model, f"[{stage.stage_name}] the trained model")
         stage.export(model_dir, tokenizer)
         skipped = datamodule.skipped() if hasattr(datamodule, "skipped") else {}
         log.info("[%s] model directory: %s; skipped samples: %s", stage.stage_name, model_dir, skipped or "none")

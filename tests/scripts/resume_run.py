@@ -8,6 +8,7 @@ Interruptions, by environment variable (step = optimizer steps done):
   VLM_TEST_KILL_DURING_SAVE=k       write half of checkpoint k's temporary file, then SIGKILL
   VLM_TEST_SIGNAL_AT_STEP=k         raise SIGUSR2 during step k; a stand-in for submitit's handler (installed before
                                     the run) writes VLM_TEST_MARKER and exits with status 3
+  VLM_TEST_SIGTERM_AT_STEP=k        send this process SIGTERM during step k (it saves, stops and exits as train.py)
 """
 from __future__ import annotations
 
@@ -68,13 +69,22 @@ def install_interruptions() -> None:
             sys.exit(3)
         signal.signal(signal.SIGUSR2, fake_submitit)
 
-        original_start = Stage.on_train_batch_start
+        _send_at_step(Stage, signal_at, signal.SIGUSR2)
 
-        def on_train_batch_start(self, batch, batch_idx):
-            original_start(self, batch, batch_idx)
-            if self.global_step == signal_at:
-                os.kill(os.getpid(), signal.SIGUSR2)
-        Stage.on_train_batch_start = on_train_batch_start
+    sigterm_at = _env_step("VLM_TEST_SIGTERM_AT_STEP")
+    if sigterm_at is not None:
+        _send_at_step(Stage, sigterm_at, signal.SIGTERM)
+
+
+def _send_at_step(stage_class, step: int, sig: signal.Signals) -> None:
+    """Make every stage send this process `sig` when a training batch starts at optimizer step `step`."""
+    original_start = stage_class.on_train_batch_start
+
+    def on_train_batch_start(self, batch, batch_idx):
+        original_start(self, batch, batch_idx)
+        if self.global_step == step:
+            os.kill(os.getpid(), sig)
+    stage_class.on_train_batch_start = on_train_batch_start
 
 
 def compose_config(data_dir: str | Path, overrides: list[str]):
@@ -90,11 +100,16 @@ def compose_config(data_dir: str | Path, overrides: list[str]):
 
 
 def main() -> None:
+    from vlm.callbacks import Preempted
     from vlm.run import run_stage
 
     data_dir, overrides = sys.argv[1], sys.argv[2:]
     install_interruptions()
-    run_stage(compose_config(data_dir, overrides))
+    try:
+        run_stage(compose_config(data_dir, overrides))
+    except Preempted as stopped:  # as train.py does
+        print(stopped, file=sys.stderr)
+        sys.exit(stopped.exit_code)
 
 
 if __name__ == "__main__":

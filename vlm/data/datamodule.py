@@ -20,7 +20,9 @@ import torch
 
 from vlm.data.collate import Collator
 from vlm.data.formats import FORMATS
-from vlm.data.pipeline import SampleFn, SkipCounter, Source, dist_info, expand_shards
+from vlm.data.pipeline import (
+    DEFAULT_MAX_CONSECUTIVE_SKIPS, SampleFn, SkipCounter, Source, check_format, dist_info, expand_shards,
+)
 from vlm.data.resolution import ProcessorSizes, ResolutionSchedule, match_batch_resolution, tokens_per_image_at
 from vlm.data.stream import StreamDataset, StreamLoader, StreamProgress, StreamState
 
@@ -52,6 +54,9 @@ class DataModule(L.LightningDataModule):
     val_batches: cap on validation batches (the same first batches every time); None = the whole val set.
     caption_field: json field that holds the caption when a sample has no `txt` (img2dataset: "caption").
     prepare: the config's data preparation node; accepted and ignored (the runner calls it before this).
+    max_consecutive_skips: a stream (train or val, per worker) that skips this many samples in a row stops the run
+    with `NoUsableSamples`, naming the reasons with counts; null = never. The first samples of each source are also
+    checked at construction (`check_format`): data no sample of which fits the stage's format is an error at once.
     `test` is only stored (`test_urls`) for evaluation code, e.g. `iterate_samples(dm.test_urls)`.
     """
 
@@ -77,6 +82,7 @@ class DataModule(L.LightningDataModule):
         caption_field: str = "caption",
         allow_missing_shards: bool = False,
         log_every_n_steps: int | None = None,
+        max_consecutive_skips: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS,
     ):
         super().__init__()
         if format not in FORMATS:
@@ -101,6 +107,9 @@ class DataModule(L.LightningDataModule):
         self.batches_per_epoch = int(batches_per_epoch) if batches_per_epoch else None
         self.resolution_schedule = dict(resolution_schedule) if resolution_schedule else None
         self.log_every_n_steps = log_every_n_steps
+        self.max_consecutive_skips = int(max_consecutive_skips) if max_consecutive_skips else None
+        for source in self.sources:
+            check_format(source.urls, source.format, source.caption_field, name=source.name)
         self.counters = {"train": SkipCounter(), "val": SkipCounter()}
         self._sample_fn = SampleFn(processor, format, self.caption_prompts, caption_field)
         self.processors = ProcessorSizes(processor)
@@ -236,6 +245,7 @@ class DataModule(L.LightningDataModule):
             StreamState(self.num_workers), self.batch_size, self.num_workers, train=True,
             resampled=self.resampled, seed=self.seed, shuffle_buffer=self.shuffle_buffer,
             shardshuffle=self.shardshuffle, schedule=self.schedule, rank=rank, world_size=world,
+            max_consecutive_skips=self.max_consecutive_skips,
         )
         return StreamLoader(dataset, progress=self.progress, **self._loader_args(self.num_workers))
 
@@ -258,7 +268,7 @@ class DataModule(L.LightningDataModule):
         dataset = StreamDataset(
             self.val_sources, self._sample_fns(self.val_sources), self.processors, self.collator,
             self.counters["val"], StreamState(workers), self.batch_size, workers, train=False, seed=self.seed,
-            rank=rank, world_size=world,
+            rank=rank, world_size=world, max_consecutive_skips=self.max_consecutive_skips,
         )
         return StreamLoader(dataset, image_size=self.current_image_size, limit=self.val_batches,
                             **self._loader_args(workers))

@@ -196,7 +196,12 @@ def conversation_record(sample: dict[str, Any], **_: Any) -> Record:
         raise SkipSample("missing_json")
     messages = _messages(data.get("conversations"))
     if "images" in data and data["images"] is not None:
-        names = [str(n) for n in data["images"]]
+        names = data["images"]
+        if isinstance(names, str):
+            names = [names]
+        if not isinstance(names, list) or not all(isinstance(n, (str, int)) for n in names):
+            raise SkipSample("bad_json", f"`images` must be a list of the sample's image fields, not {names!r:.60}")
+        names = [str(n) for n in names]
     else:
         default = _default_image_field(sample)
         names = [default] if default else []
@@ -224,12 +229,39 @@ CONVERTERS: dict[str, Callable[..., Record]] = {
 }
 
 
+# A stage's format is its default, not a filter: a sample that is not in it (the reasons below) but is in the other
+# image format is read in that one. LLaVA's stage-1 data, one-turn conversations, trains `align` and `clip` as it is.
+NOT_THIS_FORMAT = {
+    "caption": ("missing_caption",),
+    "conversation": ("missing_json", "missing_conversation"),
+}
+ALTERNATIVE = {"caption": "conversation", "conversation": "caption"}
+
+
+def _convert(sample: dict[str, Any], format: str, **kwargs: Any) -> Record:
+    try:
+        return CONVERTERS[format](sample, **kwargs)
+    except (TypeError, AttributeError, KeyError) as exc:  # valid JSON of the wrong shape: bad data, counted
+        raise SkipSample("bad_json", f"a field of the wrong type ({type(exc).__name__}: {exc})") from exc
+
+
 def to_record(
     sample: dict[str, Any], format: str, caption_prompts: Sequence[str] | None = None, caption_field: str = "caption"
 ) -> Record:
-    """Convert one decoded sample with the converter registered for `format`."""
+    """Convert one decoded sample with the converter registered for `format`, or, when the sample is not in that
+    format at all, with the other image format (`ALTERNATIVE`); a sample that fits neither keeps the first reason."""
+    if format not in CONVERTERS:
+        raise ValueError(f"unknown data format {format!r}; expected one of {sorted(CONVERTERS)}")
+    kwargs = {"caption_prompts": caption_prompts, "caption_field": caption_field}
     try:
-        converter = CONVERTERS[format]
-    except KeyError:
-        raise ValueError(f"unknown data format {format!r}; expected one of {sorted(CONVERTERS)}") from None
-    return converter(sample, caption_prompts=caption_prompts, caption_field=caption_field)
+        return _convert(sample, format, **kwargs)
+    except SkipSample as exc:
+        other = ALTERNATIVE.get(format)
+        if other is None or exc.reason not in NOT_THIS_FORMAT[format]:
+            raise
+        try:
+            return _convert(sample, other, **kwargs)
+        except SkipSample as second:
+            if second.reason in NOT_THIS_FORMAT[other]:
+                raise exc from None  # in neither format: the stage's own reason
+            raise second from None

@@ -14,16 +14,17 @@ import os
 import random
 import re
 import tarfile
+import zlib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jinja2
-import webdataset as wds
 from PIL import Image
 from webdataset.filters import _shuffle as _wds_shuffle
 from webdataset.shardlists import expand_urls as _wds_expand
-from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander, url_opener
 
 from vlm.data.formats import SkipSample, decode_sample, to_record
 from vlm.data.processor import TruncationError
@@ -58,22 +59,26 @@ class SkipCounter:
     passed at their start (spawn), so `counts()` in the main process sums every worker's skips.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, warn: bool = True) -> None:
         self._array = multiprocessing.Array("q", len(SKIP_REASONS))
         self._warned: dict[str, int] = {}
+        self._warn_first = _WARN_FIRST if warn else 0
 
-    def add(self, reason: str, detail: str = "") -> None:
+    def add(self, reason: str, detail: str = "") -> str:
+        """Count one skip; returns the slot it was counted under."""
         slot = reason if reason in SKIP_REASONS else "other"
         with self._array.get_lock():
             self._array[SKIP_REASONS.index(slot)] += 1
         seen = self._warned.get(reason, 0)
-        if seen < _WARN_FIRST:
+        if seen < getattr(self, "_warn_first", _WARN_FIRST):
             self._warned[reason] = seen + 1
             log.warning("skipping sample (%s)%s", reason, f": {detail}" if detail else "")
+        return slot
 
-    def handler(self, default_reason: str) -> Callable[[Exception], bool]:
-        """A webdataset exception handler that counts the exception and continues."""
-        return _CountingHandler(self, default_reason)
+    def handler(self, default_reason: str, run: "SkipRun | None" = None) -> Callable[[Exception], bool]:
+        """A webdataset exception handler that counts the exception and continues (`run`: also tell that stream's
+        guard, which stops a stream that skips everything)."""
+        return _CountingHandler(self, default_reason, run)
 
     def counts(self) -> dict[str, int]:
         """Nonzero counts by reason."""
@@ -89,11 +94,12 @@ class SkipCounter:
         self._warned = {}
 
 
-# What bad data raises (PIL's decode errors are OSErrors; broken JSON or text, ValueErrors): skipped and counted.
-# Anything else (TypeError, AttributeError, ...) is a bug in code, and re-raised rather than hidden as skips.
-# A chat template's own `raise_exception` (e.g. roles that do not alternate) is a TemplateError: bad data too.
+# What bad data raises (PIL's decode errors are OSErrors; broken JSON or text, ValueErrors; an unreadable, empty or
+# cut-off shard, tarfile's ReadError, EOFError or zlib.error): skipped and counted. Anything else (TypeError,
+# AttributeError, ...) is a bug in code, and re-raised rather than hidden as skips. A chat template's own
+# `raise_exception` (e.g. roles that do not alternate) is a TemplateError: bad data too.
 DATA_ERRORS: tuple[type[BaseException], ...] = (
-    OSError, ValueError, EOFError, Image.DecompressionBombError, jinja2.TemplateError,
+    OSError, ValueError, EOFError, Image.DecompressionBombError, jinja2.TemplateError, tarfile.TarError, zlib.error,
 )
 
 
@@ -101,20 +107,91 @@ class _CountingHandler:
     """Picklable handler: SkipSample counts under its reason, too-long samples as `too_long`, other data errors
     under the default reason; exceptions that are not data errors propagate."""
 
-    def __init__(self, counter: SkipCounter, default_reason: str):
+    def __init__(self, counter: SkipCounter, default_reason: str, run: "SkipRun | None" = None):
         self.counter = counter
         self.default_reason = default_reason
+        self.run = run
 
     def __call__(self, exn: Exception) -> bool:
         if isinstance(exn, SkipSample):
-            self.counter.add(exn.reason, exn.detail)
+            slot = self.counter.add(exn.reason, exn.detail)
         elif isinstance(exn, TruncationError):
-            self.counter.add("too_long", str(exn))
+            slot = self.counter.add("too_long", str(exn))
         elif isinstance(exn, DATA_ERRORS):
-            self.counter.add(self.default_reason, f"{type(exn).__name__}: {exn}")
+            slot = self.counter.add(self.default_reason, f"{type(exn).__name__}: {exn}")
         else:
             raise exn
+        if self.run is not None:
+            self.run.skipped(slot)
         return True
+
+
+DEFAULT_MAX_CONSECUTIVE_SKIPS = 4000
+
+# What a stream that skips everything for one reason most likely means, and what to do about it.
+SKIP_HINTS = {
+    "missing_caption": "the samples have no .txt caption, no json `{caption_field}` and no json `conversations`: "
+                       "set data.caption_field to the json field that holds the caption",
+    "missing_text": "the samples have no .txt and no json `{caption_field}` (text stages read those): set "
+                    "data.caption_field, or train a stage that reads images",
+    "missing_json": "the samples have no .json with `conversations` and no caption: is this the data you meant?",
+    "missing_conversation": "the samples' json has no `conversations` list and there is no caption: convert the "
+                            "data with `python -m vlm.data.convert llava|images`",
+    "missing_image": "the samples carry no image file (png, jpg, ...) or not the ones their json names",
+    "corrupt_image": "the images do not decode: check the shards with `tar tvf`",
+    "read_error": "the shards cannot be read as tar files (empty, cut off, or not tar): check data.train / data.val",
+    "bad_json": "the .json files do not parse",
+    "too_long": "every sample is longer than the processor's max_length: raise model.max_length or shorten the data",
+    "bad_conversation": "the conversations' turns are not {{role|from, content|value}} objects",
+}
+
+
+class NoUsableSamples(RuntimeError):
+    """A data stream skipped every one of many samples in a row: it would otherwise spin forever yielding nothing."""
+
+
+class SkipRun:
+    """The skips of one stream since its last usable sample; at `limit` in a row the stream stops with an error
+    naming the reasons with counts and a hint. `used()` resets it. `pending` samples (read but not yet finished
+    processing) hold the error back, since one of them may still be usable."""
+
+    def __init__(self, limit: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS, what: str = "data",
+                 caption_field: str = "caption") -> None:
+        self.limit = int(limit) if limit else None
+        self.what = what
+        self.caption_field = caption_field
+        self.reasons: Counter[str] = Counter()
+        self.used_any = False
+        self.pending = 0
+
+    @property
+    def consecutive(self) -> int:
+        return sum(self.reasons.values())
+
+    def used(self) -> None:
+        self.reasons.clear()
+        self.used_any = True
+
+    def skipped(self, reason: str) -> None:
+        self.reasons[reason] += 1
+        if self.exceeded() and not self.pending:
+            raise self.error()
+
+    def exceeded(self) -> bool:
+        return self.limit is not None and self.consecutive >= self.limit
+
+    def describe(self) -> str:
+        """`missing_caption 4000 — <hint>`: the reasons with counts, most frequent first, and a hint for the top one."""
+        counts = ", ".join(f"{r} {n}" for r, n in self.reasons.most_common())
+        hint = SKIP_HINTS.get(self.reasons.most_common(1)[0][0], "") if self.reasons else ""
+        hint = hint.replace("{caption_field}", self.caption_field).replace("{{", "{").replace("}}", "}")
+        return counts + (f" — {hint}" if hint else "")
+
+    def error(self) -> NoUsableSamples:
+        head = (f"all {self.consecutive} samples skipped" if not self.used_any
+                else f"{self.consecutive} samples in a row skipped")
+        return NoUsableSamples(f"{self.what}: {head}: {self.describe()} (the limit is "
+                               f"data.max_consecutive_skips={self.limit})")
 
 
 # ---------------------------------------------------------------- shard lists
@@ -180,7 +257,7 @@ def expand_shards(
                 found.append(path)
             else:
                 missing.append(path)
-        if not found:
+        if not found and not (missing and allow_missing):  # (a list file's entries come here one by one)
             raise FileNotFoundError(f"no shard files match {pattern!r}")
         if missing and not allow_missing:
             raise FileNotFoundError(
@@ -191,6 +268,8 @@ def expand_shards(
             log.warning("%d of %d shards of %r do not exist (first: %s); using the rest",
                         len(missing), len(missing) + len(found), pattern, missing[0])
         urls += found
+    if not urls:
+        raise FileNotFoundError(f"none of the shards of {spec!r} exist")
     return urls
 
 
@@ -229,6 +308,39 @@ class SampleFn:
         if callable(getattr(processor, "prepare", None)) and callable(getattr(processor, "finish", None)):
             return processor, processor.prepare(record)
         return None, processor(record)
+
+
+# Reasons that say a sample is not in the format asked for (rather than broken): see `check_format`.
+FORMAT_REASONS = ("missing_caption", "missing_text", "missing_json", "missing_conversation", "missing_image")
+
+
+def check_format(urls: Sequence[str], format: str, caption_field: str = "caption", samples: int = 16,
+                 shards: int = 3, name: str = "train") -> None:
+    """At start-up, from the first samples of the first local shards: raise when not one of them can be read in
+    `format` (nor in the other image format, `vlm.data.formats.ALTERNATIVE`) and every one failed for a format
+    reason - a mismatch that would otherwise skip the whole stream. Unreadable shards and broken samples are left
+    to the stream, which counts them."""
+    local = [u for u in urls if _plain_path(u)][:shards]
+    if not local:
+        return
+    counter = SkipCounter(warn=False)  # the stream reports its own skips
+    reasons: Counter[str] = Counter()
+    for n, sample in enumerate(raw_samples(local, counter)):
+        if n >= samples:
+            break
+        try:
+            to_record(decode_sample(sample, images=format != "text"), format, None, caption_field)
+            return
+        except SkipSample as exc:
+            reasons[exc.reason] += 1
+        except DATA_ERRORS:
+            return  # broken, not mismatched: the stream counts it
+    if not reasons or set(reasons) - set(FORMAT_REASONS):
+        return
+    run = SkipRun(None, name, caption_field)
+    run.reasons = reasons
+    raise ValueError(f"data source {name!r}: none of its first {sum(reasons.values())} samples can be read as "
+                     f"{format!r}: {run.describe()}")
 
 
 # ---------------------------------------------------------------- sources and raw streams
@@ -270,6 +382,11 @@ def shard_assignment(urls: Sequence[str], rank: int, world_size: int, worker: in
 
 class _Irregular(Exception):
     """Something in a tar file the fast reader leaves to `tarfile` (see `tar_files`)."""
+
+
+class _Broken(_Irregular):
+    """A tar file that is empty, cut off, or has a bad header after its first member: `tarfile` would end it
+    silently there, so the fast reader reports it itself (and the sample it was reading is dropped)."""
 
 
 _OCTAL = re.compile(rb" *[0-7]* *(?:\x00.*)?", re.S)  # a numeric header field as tarfile reads it (stricter)
@@ -325,17 +442,26 @@ def _read_members(stream: Any) -> Iterator[tuple[str, bytes]]:
     while True:
         header = stream.read(512)
         if len(header) < 512 or not header.strip(b"\x00"):
+            if offset == 0 and not header:
+                raise _Broken("empty file")
             if offset == 0 or long_name is not None or pax is not None or 0 < len(header) < 512:
-                raise _Irregular("empty, truncated or ends inside an entry")
+                raise _Broken("truncated: the file ends inside a header or an entry")
             return  # end of archive (or of the file) after a member, as tarfile stops there
-        _check_numeric(header)
-        if _octal(header, 148, 156) != sum(header) - sum(header[148:156]) + 256:
-            raise _Irregular("checksum")
+        try:
+            _check_numeric(header)
+            if _octal(header, 148, 156) != sum(header) - sum(header[148:156]) + 256:
+                raise _Irregular("checksum")
+        except _Irregular as exc:
+            if offset:  # not at the start (where it may be a compressed tar): a corrupt header
+                raise _Broken(f"bad header at byte {offset} ({exc})") from None
+            raise
         size, kind, name = _octal(header, 124, 136), header[156:157], _nts(header[:100])
         offset += 512
         if kind in (b"x", b"L"):
             data = stream.read(size + (-size % 512))
-            if len(data) < size + (-size % 512) or long_name is not None or pax is not None:
+            if len(data) < size + (-size % 512):
+                raise _Broken("truncated: the file ends inside an extended header")
+            if long_name is not None or pax is not None:
                 raise _Irregular("extended header")
             offset += len(data)
             if kind == b"x":
@@ -369,7 +495,7 @@ def _read_members(stream: Any) -> Iterator[tuple[str, bytes]]:
         data = stream.read(size)
         padding = stream.read(-size % 512)
         if len(data) < size or len(padding) < -size % 512:
-            raise _Irregular("truncated member")
+            raise _Broken(f"truncated: the file ends inside member {name!r}")
         offset += size + len(padding)
         if "/" not in name and name.startswith("__") and name.endswith("__"):
             continue
@@ -378,26 +504,65 @@ def _read_members(stream: Any) -> Iterator[tuple[str, bytes]]:
         yield name, data
 
 
-def tar_files(urls: Iterable[str], handler: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
+class ShardReadError(OSError):
+    """A shard that could not be read to its end (counted as `read_error`; the message names the shard)."""
+
+
+def _shard_files(url: str, handler: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
+    """The regular files of one shard, through the fast reader when it is a plain local tar, else webdataset's
+    `tar_file_expander(url_opener(...))` (errors go to `handler`). A shard the fast reader finds irregular but not
+    broken (compressed, sparse members, ...) is handed to webdataset from its start, skipping the files already
+    yielded; a broken one (empty, cut off, a corrupt header after the first member) is reported as broken."""
+    done = 0
+    if _plain_path(url):
+        try:
+            with open(url, "rb") as stream:
+                for name, data in _read_members(stream):
+                    yield {"fname": name, "data": data, "__url__": url}
+                    done += 1
+            return
+        except _Broken as exc:
+            handler(ShardReadError(f"shard {url}: {exc}"))
+            return
+        except (_Irregular, OSError):
+            pass
+    files = tar_file_expander(url_opener([{"url": url}], handler=handler), handler=handler, eof_value=None)
+    yield from itertools.islice(files, done, None)
+
+
+def tar_files(urls: Iterable[str], handler: Callable[[Exception], bool],
+              failed: set[str] | None = None) -> Iterator[dict[str, Any]]:
     """webdataset's `tar_file_expander(url_opener(...))` (file dicts, `{}` after each shard), several times faster
-    for local shards: their headers are parsed here instead of by Python's `tarfile` (which spent ~25 us per
-    member). Anything the parser does not handle plainly (compressed or unreadable shards, sparse members, a bad
-    header, a truncated file) hands the shard to webdataset from its start, skipping the files already yielded,
-    so the files and the exceptions the handler sees are webdataset's in every case."""
+    for local shards (their headers are parsed here instead of by Python's `tarfile`, which spent ~25 us per
+    member), and strict about broken shards: every error is counted through `handler` (with the shard's name),
+    and the sample being read when a shard broke is dropped rather than used half-complete (a sample's files are
+    held back until the next sample starts or the shard ends cleanly). A shard that yields nothing but an error
+    is added to `failed`, so a resampled stream does not draw it again."""
     for url in urls:
-        done = 0
-        if _plain_path(url):
-            try:
-                with open(url, "rb") as stream:
-                    for name, data in _read_members(stream):
-                        yield {"fname": name, "data": data, "__url__": url}
-                        done += 1
-                yield {}
-                continue
-            except (_Irregular, OSError):
-                pass
-        files = tar_file_expander(url_opener([{"url": url}], handler=handler), handler=handler)
-        yield from itertools.islice(files, done, None)
+        held: list[dict[str, Any]] = []
+        key, broken, read = None, [], 0
+
+        def note(exn: Exception) -> bool:
+            broken.append(exn)
+            if not isinstance(exn, ShardReadError) and isinstance(exn, DATA_ERRORS):
+                first = exn.args[0] if exn.args else ""
+                exn = ShardReadError(f"shard {url}: {type(exn).__name__}: {first}")
+            return handler(exn)
+
+        for item in _shard_files(url, note):
+            read += 1
+            if broken:
+                held, broken[:] = [], []  # the sample being read when the shard broke is incomplete
+            name_key = base_plus_ext(item["fname"])[0]
+            if name_key != key:
+                yield from held
+                held, key = [], name_key
+            held.append(item)
+        if not broken:
+            yield from held
+        elif not read and failed is not None:
+            failed.add(url)
+        yield {}
 
 
 def _plain_path(url: str) -> bool:
@@ -411,13 +576,16 @@ def raw_samples(
     counter: SkipCounter,
     shuffle_buffer: int = 0,
     rng: random.Random | None = None,
+    failed: set[str] | None = None,
+    run: SkipRun | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Tar samples (raw bytes per field) from a stream of shard URLs, through a seeded shuffle buffer.
 
-    Unreadable shards and tar members are counted as `read_error` and skipped.
+    Unreadable shards and tar members are counted as `read_error` and skipped; shards that yield nothing but an
+    error are added to `failed` (see `tar_files`); `run` is the stream's guard against skipping everything.
     """
-    handler = counter.handler("read_error")
-    samples = group_by_keys(tar_files(urls, handler), handler=handler)
+    handler = counter.handler("read_error", run)
+    samples = group_by_keys(tar_files(urls, handler, failed), handler=handler)
     if shuffle_buffer and shuffle_buffer > 1:
         samples = _wds_shuffle(iter(samples), shuffle_buffer, min(shuffle_buffer, 100), rng=rng or random.Random(0))
     return iter(samples)
@@ -445,17 +613,23 @@ def mix_samples(
 
 
 def iterate_samples(
-    urls: str | Sequence[str], decode_images: bool = True, counter: SkipCounter | None = None
+    urls: str | Sequence[str], decode_images: bool = True, counter: SkipCounter | None = None,
+    max_consecutive_skips: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS, allow_missing: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """One ordered pass over the shards, yielding decoded dicts (PIL images, str txt, parsed json, __key__).
 
-    For evaluation: no shuffling, no node or worker split. Broken samples are skipped (and counted if a
-    counter is given).
+    For evaluation: no shuffling, no node or worker split. Broken shards and samples are skipped (and counted if a
+    counter is given); `max_consecutive_skips` in a row stop the pass with `NoUsableSamples`.
     """
     counter = counter or SkipCounter()
-    stages = [
-        wds.SimpleShardList(expand_shards(urls)),
-        wds.tarfile_to_samples(handler=counter.handler("read_error")),
-        wds.map(lambda s: decode_sample(s, images=decode_images), handler=counter.handler("processing_error")),
-    ]
-    yield from wds.DataPipeline(*stages)
+    run = SkipRun(max_consecutive_skips, "evaluation data")
+    raw = raw_samples(expand_shards(urls, allow_missing), counter, run=run)
+    handler = counter.handler("processing_error", run)
+    for sample in raw:
+        try:
+            decoded = decode_sample(sample, images=decode_images)
+        except Exception as exc:  # counted per reason, never fatal (a bug in code is re-raised by the handler)
+            handler(exc)
+            continue
+        run.used()
+        yield decoded

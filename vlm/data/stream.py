@@ -32,7 +32,8 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from vlm.data.collate import Collator, Parts
 from vlm.data.pipeline import (
-    SampleFn, SkipCounter, Source, mix_samples, raw_samples, shard_assignment,
+    DEFAULT_MAX_CONSECUTIVE_SKIPS, NoUsableSamples, SampleFn, SkipCounter, SkipRun, Source, mix_samples, raw_samples,
+    shard_assignment,
 )
 from vlm.data.resolution import ProcessorSizes, ResolutionSchedule
 
@@ -299,8 +300,10 @@ class StreamDataset(IterableDataset):
         schedule: ResolutionSchedule | None = None,
         rank: int = 0,
         world_size: int = 1,
+        max_consecutive_skips: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS,
     ):
         super().__init__()
+        self.max_consecutive_skips = max_consecutive_skips
         self.sources = list(sources)
         self.sample_fns = list(sample_fns)
         self.processors = processors
@@ -322,7 +325,10 @@ class StreamDataset(IterableDataset):
     def _tag(self, epoch: int, salt: int) -> str:
         return f"{self.seed}/{epoch}/{salt}" if salt else f"{self.seed}/{epoch}"
 
-    def _source_urls(self, index: int, epoch: int, salt: int, stream: int, streams: int) -> Iterator[str]:
+    def _source_urls(self, index: int, epoch: int, salt: int, stream: int, streams: int,
+                     failed: set[str] | None = None) -> Iterator[str]:
+        """This stream's shard URLs of one source; resampled, never one in `failed` (a shard that could not be
+        read), and none at all once every shard has failed."""
         source = self.sources[index]
         tag = f"{self._tag(epoch, salt)}/{source.name}"
         if not self.train:
@@ -331,22 +337,25 @@ class StreamDataset(IterableDataset):
         if self.resampled:
             rng = random.Random(f"{tag}/shards/{self.rank}/{stream}")
             urls = list(source.urls)
-            return (rng.choice(urls) for _ in itertools.count())
+            failed = failed if failed is not None else set()
+            return _resample(urls, rng, failed)
         urls = list(source.urls)
         if self.shardshuffle:
             random.Random(f"{tag}/shards").shuffle(urls)  # the same order on every rank and worker
         return iter(shard_assignment(urls, self.rank, self.world_size, stream, streams))
 
-    def raw_stream(self, epoch: int, stream: int, streams: int, salt: int = 0) -> Iterator[tuple[int, dict]]:
+    def raw_stream(self, epoch: int, stream: int, streams: int, salt: int = 0,
+                   run: SkipRun | None = None) -> Iterator[tuple[int, dict]]:
         """(source index, raw sample) of one logical stream: deterministic in (seed, epoch, salt, rank, stream)."""
         per_source = []
         for i, source in enumerate(self.sources):
-            urls = self._source_urls(i, epoch, salt, stream, streams)
+            failed: set[str] = set()
+            urls = self._source_urls(i, epoch, salt, stream, streams, failed)
             buffer = 0
             if self.train:
                 buffer = self.shuffle_buffer if source.shuffle_buffer is None else int(source.shuffle_buffer)
             rng = random.Random(f"{self._tag(epoch, salt)}/{source.name}/samples/{self.rank}/{stream}")
-            per_source.append(raw_samples(urls, self.counter, buffer, rng))
+            per_source.append(raw_samples(urls, self.counter, buffer, rng, failed, run))
         if not self.train:  # evaluation: each source in turn, in shard order
             return ((i, s) for i, it in enumerate(per_source) for s in it)
         rng = random.Random(f"{self._tag(epoch, salt)}/mix/{self.rank}/{stream}")
@@ -364,6 +373,7 @@ class StreamDataset(IterableDataset):
         """
         samples: list[Any] = []
         position = None
+        run = getattr(handler, "run", None)
         while len(samples) < self.batch_size:
             pending: list[tuple[Any, Any]] = []
             for position, (source, sample) in raw:
@@ -371,9 +381,15 @@ class StreamDataset(IterableDataset):
                     pending.append(self.sample_fns[source].prepare(sample, processor))
                 except Exception as exc:  # counted per reason, never fatal
                     handler(exc)
+                    if run is not None and pending and run.exceeded():
+                        break  # settle the pending samples: one may be usable (else the next skip stops)
                     continue
+                if run is not None:
+                    run.pending = len(pending)
                 if len(samples) + len(pending) == self.batch_size:
                     break
+            if run is not None:
+                run.pending = 0
             if not pending:
                 break
             results: list[Any] = [result for owner, result in pending]
@@ -381,11 +397,20 @@ class StreamDataset(IterableDataset):
                 index = [i for i, (o, _) in enumerate(pending) if o is owner]
                 for i, result in zip(index, owner.finish([pending[i][1] for i in index])):
                     results[i] = result
+            if run is not None:  # the usable ones among them hold the stop back until they are counted
+                run.pending = sum(not isinstance(r, Exception) for r in results)
             for result in results:
                 if isinstance(result, Exception):
                     handler(result)
                 else:
                     samples.append(result)
+                    if run is not None:
+                        run.used()
+                        run.pending -= 1
+            if run is not None:
+                run.pending = 0
+                if run.exceeded():
+                    raise run.error()
         return samples, position
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -404,10 +429,16 @@ class StreamDataset(IterableDataset):
             quota = max(0, math.ceil((state["remaining"] - worker) / workers))
         fixed_size = state["image_size"] or None
 
-        raw = enumerate(self.raw_stream(epoch, stream, workers, salt))
-        if start:
-            raw = itertools.islice(raw, start, None)  # fast-forward over raw bytes: nothing is decoded
-        handler = self.counter.handler("processing_error")
+        what = "training data" if self.train else "validation data"
+        run = SkipRun(self.max_consecutive_skips, what, self.sample_fns[0].caption_field if self.sample_fns else "")
+        raw = enumerate(self.raw_stream(epoch, stream, workers, salt, run))
+        if start:  # fast-forward over raw bytes: nothing is decoded
+            run.pending = 1  # the skips passed over were counted by the interrupted run: they stop nothing now
+            for _ in itertools.islice(raw, start):
+                pass
+            run.pending = 0
+            run.used()
+        handler = self.counter.handler("processing_error", run)
         for j in itertools.count():
             if quota is not None and j >= quota:
                 return
@@ -432,6 +463,18 @@ class StreamDataset(IterableDataset):
             start = position + 1
             if len(samples) < self.batch_size:
                 return
+
+
+def _resample(urls: list[str], rng: random.Random, failed: set[str]) -> Iterator[str]:
+    """Shards drawn with replacement, except those in `failed` (filled while reading); ends when all have failed.
+    While none has failed, the draws are `rng.choice(urls)`, as before failures were tracked."""
+    while True:
+        live = [u for u in urls if u not in failed] if failed else urls
+        if not live:
+            log.error("every shard of this stream failed to read: %s%s", ", ".join(urls[:3]),
+                      " ..." if len(urls) > 3 else "")
+            return
+        yield rng.choice(live)
 
 
 class StreamProgress:
@@ -525,5 +568,12 @@ class StreamLoader(DataLoader):
             count += 1
             if self.limit is not None and count >= self.limit:
                 return
+        dataset: StreamDataset = self.dataset  # type: ignore[assignment]
+        skipped = dataset.counter.counts()
+        if count == 0 and skipped and dataset.state.read()["remaining"] != 0:
+            # nothing usable at all (e.g. every shard unreadable): an endless loop of empty epochs otherwise
+            what = "training" if dataset.train else "validation"
+            counts = ", ".join(f"{r} {n}" for r, n in sorted(skipped.items(), key=lambda kv: -kv[1]))
+            raise NoUsableSamples(f"the {what} stream yielded no batch; skipped samples: {counts}")
         if self.progress is not None:
             self.progress.finished = True

@@ -14,6 +14,8 @@ file has the same fields plus `prediction`, and optionally `option_scores` (one 
 
 from __future__ import annotations
 
+import math
+
 import re
 import string
 from collections import defaultdict
@@ -32,6 +34,8 @@ def option_list(options: Sequence[str] | dict[str, str]) -> list[str]:
     """Options as a list in letter order ({"A": ..., "B": ...} dicts are sorted by letter)."""
     if isinstance(options, dict):
         return [str(options[k]) for k in sorted(options)]
+    if not isinstance(options, (list, tuple)):  # a string would be split into its letters
+        raise ValueError(f"`options` must be a list or a {{letter: text}} object, not {type(options).__name__}")
     return [str(o) for o in options]
 
 
@@ -120,7 +124,12 @@ class MCQTask(Task):
         item = {"id": row.get("id"), "question": row.get("question", ""), "references": [letter],
                 "options": options, "category": row.get("category"), "image": row.get("image")}
         if row.get("option_scores") is not None:
-            item["option_scores"] = [float(s) for s in row["option_scores"]]
+            scores = row["option_scores"]
+            if not isinstance(scores, list) or len(scores) != len(options):
+                raise ValueError(f"`option_scores` must be a list of {len(options)} numbers, one per option")
+            item["option_scores"] = [float(s) for s in scores]
+            if not all(math.isfinite(s) for s in item["option_scores"]):
+                raise ValueError(f"`option_scores` holds NaN or infinite values: {scores}")
         return item
 
     def items_from_sample(self, sample: dict[str, Any]) -> Iterator[dict[str, Any]]:

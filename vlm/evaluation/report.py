@@ -69,10 +69,14 @@ def draw_grid(
     draw = ImageDraw.Draw(canvas)
     for n, p in enumerate(predictions):
         x, y = (n % columns) * cell, (n // columns) * (cell + text_lines * line_height + 8)
-        image = load_image(p.get("image"))
+        try:
+            image = load_image(p.get("image"))
+            missing = "(no image)"
+        except (OSError, ValueError, Image.DecompressionBombError):  # a path that is gone, or no image: a gap
+            image, missing = None, "(image not found)"
         if image is None:
             draw.rectangle((x + 4, y + 4, x + cell - 4, y + cell - 4), fill=(225, 225, 225))
-            draw.text((x + 12, y + cell // 2), "(no image)", fill=GREY, font=font)
+            draw.text((x + 12, y + cell // 2), missing, fill=GREY, font=font)
         else:
             thumb = image.convert("RGB").resize((cell - 8, cell - 8), Image.Resampling.BICUBIC)
             canvas.paste(thumb, (x + 4, y + 4))

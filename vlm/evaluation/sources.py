@@ -19,20 +19,33 @@ IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 
 def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
     """One dict per non-empty line; a relative `image` path is made relative to the file's directory."""
+    for _, row in read_jsonl_lines(path):
+        yield row
+
+
+def read_jsonl_lines(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, dict) per non-empty line; a line that is not UTF-8 or not a JSON object is a `ValueError`
+    naming the file and line."""
     path = Path(path)
     root = path.resolve().parent
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{path}:{number}: not UTF-8 text (byte {exc.start})") from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{number}: not a JSON object ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{number}: not a JSON object (a {type(row).__name__})")
             image = row.get("image")
             if isinstance(image, str) and image:
                 row["image"] = str(root / image)
-            yield row
+            yield number, row
 
 
 def read_shards(urls: str | Sequence[str]) -> Iterator[dict[str, Any]]:
@@ -49,7 +62,7 @@ def is_jsonl(data: Any) -> bool:
 
 
 def load_image(image: Image.Image | str | None) -> Image.Image | None:
-    """A PIL image from an image or a path (None stays None)."""
+    """A PIL image from an image or a path (None stays None). Pillow's decompression-bomb check stays on."""
     if image is None or isinstance(image, Image.Image):
         return image
     with Image.open(image) as opened:
@@ -63,4 +76,7 @@ def reference_list(row: dict[str, Any], keys: Sequence[str] = ("answers", "refer
         raise ValueError(f"item {row.get('id')!r} has no reference answer (looked for {', '.join(keys)})")
     if isinstance(value, str):
         return [value]
+    if not isinstance(value, list):
+        raise ValueError(f"item {row.get('id')!r}: the reference answers must be a string or a list, not "
+                         f"{type(value).__name__}")
     return [v["answer"] if isinstance(v, dict) else str(v) for v in value]

@@ -13,6 +13,7 @@ how an item is asked (`conversation`) and how predictions are scored (`score`). 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,12 @@ from typing import Any
 from PIL import Image
 
 from vlm.evaluation.report import draw_grid, write_predictions
-from vlm.evaluation.sources import is_jsonl, load_image, read_jsonl, read_shards
+from vlm.evaluation.sources import is_jsonl, load_image, read_jsonl, read_jsonl_lines, read_shards
+
+log = logging.getLogger("vlm")
+
+# What a malformed row raises in a task's `item_from_row` (a number where a list belongs, ...)
+ROW_ERRORS = (ValueError, TypeError, KeyError, AttributeError, IndexError)
 
 
 class Task:
@@ -117,11 +123,30 @@ class Task:
 
     # ---- the protocol ------------------------------------------------------------------------------------------
     def read_predictions(self, path: str | Path) -> list[dict[str, Any]]:
+        """The rows of a predictions file, each checked: errors name the file and line. A missing or null
+        `prediction`, or an id seen before, is an error (never scored as the text "None", never counted twice)."""
         predictions = []
-        for row in read_jsonl(path):
-            if "prediction" not in row:
-                raise ValueError(f"{path}: row {row.get('id')!r} has no `prediction`")
-            predictions.append({**self.item_from_row(row), "prediction": str(row["prediction"])})
+        first_line: dict[Any, int] = {}
+        for number, row in read_jsonl_lines(path):
+            where = f"{path}:{number}"
+            prediction = row.get("prediction")
+            if prediction is None:
+                raise ValueError(f"{where}: row {row.get('id')!r} has no `prediction` (missing or null)")
+            if not isinstance(prediction, (str, int, float)) or isinstance(prediction, bool):
+                raise ValueError(f"{where}: `prediction` must be text, not {type(prediction).__name__}")
+            try:
+                item = self.item_from_row(row)
+            except ROW_ERRORS as exc:
+                raise ValueError(f"{where}: {exc}") from None
+            ident = item.get("id")
+            if ident is not None:
+                try:
+                    seen = first_line.setdefault(ident, number)
+                except TypeError:  # an unhashable id (a list, ...)
+                    raise ValueError(f"{where}: `id` must be a string or a number") from None
+                if seen != number:
+                    raise ValueError(f"{where}: duplicate id {ident!r} (first at line {seen})")
+            predictions.append({**item, "prediction": str(prediction)})
         return predictions
 
     def run(self, model_dir: str | Path | None = None, predictions: str | Path | None = None,
@@ -140,6 +165,10 @@ class Task:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         write_predictions(preds, out / "predictions.jsonl")
-        draw_grid(preds[: self.picture_samples], out / "predictions.png",
-                  passed=lambda p: p.get("score", 0.0) >= self.pass_mark, answer=self.answer_text)
+        try:  # a picture for people: it never costs the scores (an image it cannot read leaves a gap in the grid)
+            draw_grid(preds[: self.picture_samples], out / "predictions.png",
+                      passed=lambda p: p.get("score", 0.0) >= self.pass_mark, answer=self.answer_text)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("%s: could not draw %s (%s: %s); the metrics and predictions are written", self.name,
+                        out / "predictions.png", type(exc).__name__, exc)
         return metrics

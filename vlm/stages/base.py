@@ -8,7 +8,10 @@ Also shared, so that every stage scales out and survives interruption the same w
   `gather_for_export` turns the sharded model back into a plain one on rank 0 for `export`;
 - checkpoints hold the trainable weights only and record the base they need (`on_save_checkpoint`), and loading
   checks that every trainable weight is there (`on_load_checkpoint`; `vlm.checkpointing`);
-- a non-finite loss stops the run naming the step and the batch keys, or skips the step (`nonfinite_loss`);
+- a non-finite loss or gradient norm stops the run naming the step and the batch keys, or skips the step
+  (`nonfinite_loss`; a skipped step does not count toward `max_steps`, and `max_consecutive_skips` in a row stop the
+  run); weights that turn non-finite stop the run in both modes, and `check_finite` keeps a model directory from
+  ever being written from them;
 - the effective global batch size is printed at the start.
 """
 
@@ -62,10 +65,24 @@ def no_decay(name: str, param: torch.Tensor) -> bool:
 
 
 class NonFiniteLossError(FloatingPointError):
-    """A training loss was NaN or infinite (the message names the step and the batch keys)."""
+    """A training loss or gradient norm was NaN or infinite, or weights became so (the message names the step)."""
 
 
 NONFINITE_POLICIES = ("stop", "skip")
+
+
+def check_finite(model: nn.Module, what: str = "model") -> None:
+    """Raise `NonFiniteLossError` if any parameter or buffer holds NaN/inf (before writing a model directory)."""
+    bad = [name for name, t in [*model.named_parameters(), *model.named_buffers()]
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise NonFiniteLossError(f"{what}: {len(bad)} tensors hold NaN/inf (first: {bad[0]}); the run diverged, no "
+                                 "model directory is written from it")
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's (FSDP2) global value; a plain tensor as it is."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 class Stage(L.LightningModule):
@@ -90,6 +107,11 @@ class Stage(L.LightningModule):
         self.optim = dict(optim or {})
         self.base_weights: dict[str, Any] = {}
         self.nonfinite_loss = "stop"
+        self.max_consecutive_skips: int | None = 10
+        self._consecutive_skips = 0
+        self._skipped_last = False
+        self._grad_norm: torch.Tensor | None = None      # this step's, reused by gradient clipping
+        self._weights_ok: tuple[int, torch.Tensor] | None = None  # (step, flag) checked with the next step's flags
         self._skeleton: list[nn.Module] = []  # a list, so the meta copy is not registered as a sub-module
         self._batch_keys: list[str] = []
         self._nonfinite: list[tuple[torch.Tensor, list[str]]] = []
@@ -186,8 +208,9 @@ class Stage(L.LightningModule):
         self._nonfinite.append((loss.detach(), list(self._batch_keys)))
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
-        """Run forward/backward first, agree across ranks whether any loss of this step was NaN/inf, then stop,
-        skip (no optimizer update) or step."""
+        """Run forward/backward first, then agree across ranks (one reduce, one host sync per step) whether any loss
+        of this step, the gradient norm, or the weights after the previous update were NaN/inf; then stop, skip (no
+        optimizer update, and the step does not count) or step. The gradient norm is the one clipping uses."""
         if optimizer_closure is None:
             return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         cache: dict[str, Any] = {}
@@ -199,33 +222,110 @@ class Stage(L.LightningModule):
 
         closure()
         seen, self._nonfinite = self._nonfinite, []
+        device = self.device
+        flags = torch.zeros(3, device=device)  # loss, gradient norm, weights after the previous update
         if seen:
-            flag = torch.stack([~torch.isfinite(v.float()).all() for v, _ in seen]).any().float().reshape(1)
-        else:
-            flag = torch.zeros(1, device=self.device)
+            flags[0] = torch.stack([~torch.isfinite(v.float()).all() for v, _ in seen]).any().float()
+        # under fp16 loss scaling the gradients are still scaled here and may overflow by design (the scaler skips
+        # those steps itself): no gradient check then, and Lightning's own clipping after unscaling
+        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        self._grad_norm = None if scaled else self._total_grad_norm(optimizer)
+        if self._grad_norm is not None:
+            flags[1] = (~torch.isfinite(_full(self._grad_norm))).float().to(device)
+        weights_step = None
+        if self._weights_ok is not None:
+            weights_step, ok = self._weights_ok
+            flags[2] = 1.0 - ok.float().to(device)
+            self._weights_ok = None
         if self.trainer.world_size > 1:
-            flag = self.trainer.strategy.reduce(flag, reduce_op="max")
-        if flag.item() > 0:
+            flags = self.trainer.strategy.reduce(flags, reduce_op="max")
+        loss_bad, grad_bad, weights_bad = (bool(f) for f in flags.tolist())
+        if weights_bad:
+            raise NonFiniteLossError(f"[{self.stage_name}] the weights became NaN/inf in the update of step "
+                                     f"{weights_step}: the run diverged (lower optim.lr, or check the data)")
+        if loss_bad or grad_bad:
             bad = [(float(v.float()), keys) for v, keys in seen if not math.isfinite(float(v.float()))]
-            self._handle_nonfinite(bad, batch_idx, optimizer)
+            self._handle_nonfinite(bad, batch_idx, optimizer, grad_bad and not loss_bad)
             return
+        self._consecutive_skips, self._skipped_last = 0, False
         optimizer.step(closure=closure)
+        self._weights_ok = (self.global_step, self._weights_finite(optimizer))
 
-    def _handle_nonfinite(self, bad: list[tuple[float, list[str]]], batch_idx: int, optimizer: Any) -> None:
+    @staticmethod
+    def _params(optimizer: Any) -> list[torch.Tensor]:
+        groups = getattr(optimizer, "optimizer", optimizer).param_groups
+        return [p for g in groups for p in g["params"]]
+
+    def _total_grad_norm(self, optimizer: Any) -> torch.Tensor | None:
+        grads = [p.grad for p in self._params(optimizer) if p.grad is not None]
+        if not grads:
+            return None
+        return torch.nn.utils.get_total_norm(grads, 2.0, error_if_nonfinite=False)
+
+    def _weights_finite(self, optimizer: Any) -> torch.Tensor:
+        """A 0-d bool tensor (no host sync): whether every trained weight is finite after this update."""
+        params = [p.detach() for p in self._params(optimizer)]
+        if not params:
+            return torch.ones((), dtype=torch.bool)
+        return torch.isfinite(_full(torch.nn.utils.get_total_norm(params, 2.0, error_if_nonfinite=False)))
+
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Clip by norm with the norm `optimizer_step` already computed for its check (no second pass)."""
+        norm = self._grad_norm
+        if gradient_clip_val and (gradient_clip_algorithm in (None, "norm")) and norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(self._params(optimizer), float(gradient_clip_val), norm)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        if self._skipped_last:  # a skipped update does not advance the schedule either
+            return
+        super().lr_scheduler_step(scheduler, metric)
+
+    def on_train_end(self) -> None:
+        if self._weights_ok is not None:  # the last update's weights, checked once here
+            step, ok = self._weights_ok
+            self._weights_ok = None
+            if not bool(ok):
+                raise NonFiniteLossError(f"[{self.stage_name}] the weights became NaN/inf in the update of step "
+                                         f"{step}: the run diverged (lower optim.lr, or check the data)")
+
+    def _uncount_step(self) -> None:
+        """Lightning counts an optimizer step once this hook returns, whether or not it stepped: take it back, so
+        a skipped update does not count toward `max_steps`."""
+        progress = self.trainer.fit_loop.epoch_loop.automatic_optimization.optim_progress.optimizer.step
+        for tracker in (progress.total, progress.current):
+            tracker.ready -= 1
+            tracker.completed -= 1
+
+    def _handle_nonfinite(self, bad: list[tuple[float, list[str]]], batch_idx: int, optimizer: Any,
+                          grad_only: bool = False) -> None:
         from vlm.callbacks import _gather_objects
 
         reports = [r for rank_reports in _gather_objects(bad) for r in rank_reports]
         keys = [k for _, ks in reports for k in ks]
         values = sorted({str(v) for v, _ in reports})
+        what = "gradient norm" if grad_only else f"loss {values}"
         where = f"step {self.global_step} (batch {batch_idx})"
         shown = ", ".join(keys[:20]) + (f" ... ({len(keys)} keys)" if len(keys) > 20 else "")
         if self.nonfinite_loss == "skip":
             optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1
-            rank_zero_warn(f"[{self.stage_name}] non-finite loss {values} at {where}: step skipped "
-                           f"({self.skipped_steps} so far); batch keys: {shown or '(none)'}")
+            self._consecutive_skips += 1
+            self._skipped_last = True
+            self._uncount_step()
+            limit = self.max_consecutive_skips
+            if limit and self._consecutive_skips >= limit:
+                raise NonFiniteLossError(
+                    f"[{self.stage_name}] non-finite {what} at {where}: {self._consecutive_skips} updates in a row "
+                    f"skipped (guards.max_consecutive_skips={limit}); the run diverged (lower optim.lr, or check "
+                    "the data)")
+            rank_zero_warn(f"[{self.stage_name}] non-finite {what} at {where}: step skipped "
+                           f"({self.skipped_steps} so far, {self._consecutive_skips} in a row); batch keys: "
+                           f"{shown or '(none)'}")
             return
-        raise NonFiniteLossError(f"[{self.stage_name}] non-finite loss {values} at {where}; batch keys: "
+        raise NonFiniteLossError(f"[{self.stage_name}] non-finite {what} at {where}; batch keys: "
                                  f"{shown or '(the batch carries no keys)'}. Set guards.nonfinite_loss=skip to skip "
                                  "such steps instead.")
 

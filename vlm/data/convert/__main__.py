@@ -15,6 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--prefix", default="train", help="shard name prefix and list file name (train, val, ...)")
         p.add_argument("--samples-per-shard", type=int, default=1000)
         p.add_argument("--quiet", action="store_true", help="no progress bar")
+        p.add_argument("--allow-outside", action="store_true",
+                       help="copy images whose paths lead outside --images (absolute or ../ paths); default: skip them")
 
     images = sub.add_parser("images", help="a folder of images + a CSV/TSV/JSONL of (file name, caption)")
     images.add_argument("--images", required=True, help="image folder; file names are relative to it")
@@ -46,11 +48,12 @@ def main(argv: list[str] | None = None) -> int:
         from vlm.data.convert.images import convert_images
 
         convert_images(args.images, args.captions, args.out, args.prefix, args.samples_per_shard,
-                       args.file_column, args.caption_column, args.quiet)
+                       args.file_column, args.caption_column, args.quiet, args.allow_outside)
     elif args.command == "llava":
         from vlm.data.convert.llava import convert_llava
 
-        convert_llava(args.json, args.images, args.out, args.prefix, args.samples_per_shard, args.quiet)
+        convert_llava(args.json, args.images, args.out, args.prefix, args.samples_per_shard, args.quiet,
+                      args.allow_outside)
     else:
         from vlm.data.convert.synthetic import convert_synthetic
 

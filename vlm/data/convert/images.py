@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from vlm.data.convert.writer import ShardWriter, Skip, Stats, image_bytes, progress
+from vlm.data.convert.writer import ROW_ERRORS, ShardWriter, Skip, Stats, image_bytes, image_path, progress
 
 FILE_COLUMNS = ("file_name", "filename", "file", "image", "path", "image_path")
 CAPTION_COLUMNS = ("caption", "text", "txt", "description")
@@ -25,9 +25,10 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except ValueError as exc:
-                    rows.append({"__error__": f"line {n}: {exc}"})
+                    row = {"__error__": f"line {n}: {exc}"}
+                rows.append(row if isinstance(row, dict) else {"__error__": f"line {n}: not an object"})
         return rows
     raise ValueError(f"captions file {path} must be .csv, .tsv or .jsonl")
 
@@ -53,6 +54,7 @@ def convert_images(
     file_column: str | None = None,
     caption_column: str | None = None,
     quiet: bool = False,
+    allow_outside: bool = False,
 ) -> Stats:
     """Write the shards; returns the counts (also saved as `{prefix}.stats.json` beside the shard list)."""
     images, captions = Path(images), Path(captions)
@@ -68,9 +70,12 @@ def convert_images(
         for index, row in enumerate(rows):
             bar.update(1)
             try:
-                fields = _sample(row, images, file_col, caption_col)
+                fields = _sample(row, images, file_col, caption_col, allow_outside)
             except Skip as skip:
                 stats.skip(skip.reason, f"row {index}: {skip.detail}")
+                continue
+            except ROW_ERRORS as exc:
+                stats.skip("bad_row", f"row {index}: {type(exc).__name__}: {exc}")
                 continue
             writer.write(f"{index:09d}", fields)
             stats.written += 1
@@ -81,7 +86,8 @@ def convert_images(
     return stats
 
 
-def _sample(row: dict[str, Any], images: Path, file_col: str, caption_col: str) -> dict[str, bytes]:
+def _sample(row: dict[str, Any], images: Path, file_col: str, caption_col: str,
+            allow_outside: bool = False) -> dict[str, bytes]:
     if "__error__" in row:
         raise Skip("bad_row", row["__error__"])
     name = row.get(file_col)
@@ -90,7 +96,7 @@ def _sample(row: dict[str, Any], images: Path, file_col: str, caption_col: str) 
     caption = row.get(caption_col)
     if not isinstance(caption, str) or not caption.strip():
         raise Skip("missing_caption", name)
-    ext, data = image_bytes(images / name.strip())
+    ext, data = image_bytes(image_path(images, name.strip(), allow_outside))
     meta = {k: v for k, v in row.items() if k not in (file_col, caption_col)}
     meta.update(file_name=name.strip(), caption=caption.strip())
     return {ext: data, "txt": caption.strip().encode("utf-8"), "json": json.dumps(meta).encode("utf-8")}

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from vlm.data.convert.writer import ShardWriter, Skip, Stats, image_bytes, progress
+from vlm.data.convert.writer import ROW_ERRORS, ShardWriter, Skip, Stats, image_bytes, image_path, progress
 from vlm.data.formats import ROLE_ALIASES
 from vlm.data.tokens import IMAGE_TOKEN
 
@@ -46,13 +46,13 @@ def check_conversation(turns: Any) -> list[dict[str, str]]:
     return turns
 
 
-def _sample(entry: Any, images: Path) -> dict[str, bytes]:
+def _sample(entry: Any, images: Path, allow_outside: bool = False) -> dict[str, bytes]:
     if not isinstance(entry, dict):
         raise Skip("bad_entry", f"{type(entry).__name__}")
     turns = check_conversation(entry.get("conversations"))
     names = entry.get("image")
-    paths = [] if names in (None, "", []) else [names] if isinstance(names, str) else list(names)
-    if not all(isinstance(p, str) and p for p in paths):
+    paths = [] if names in (None, "", []) else [names] if isinstance(names, str) else names
+    if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
         raise Skip("bad_entry", f"image field {names!r:.80}")
     tags = sum(str(t.get("value", t.get("content", ""))).count(IMAGE_TOKEN) for t in turns)
     if tags > len(paths):
@@ -62,7 +62,7 @@ def _sample(entry: Any, images: Path) -> dict[str, bytes]:
     fields: dict[str, bytes] = {}
     field_names = []
     for n, rel in enumerate(paths):
-        ext, data = image_bytes(images / rel)
+        ext, data = image_bytes(image_path(images, rel, allow_outside))
         name = ext if len(paths) == 1 else f"{n}.{ext}"
         fields[name] = data
         field_names.append(name)
@@ -78,8 +78,10 @@ def convert_llava(
     prefix: str = "train",
     samples_per_shard: int = 1000,
     quiet: bool = False,
+    allow_outside: bool = False,
 ) -> Stats:
-    """Write the shards; returns the counts (also saved as `{prefix}.stats.json`)."""
+    """Write the shards; returns the counts (also saved as `{prefix}.stats.json`). Entries of any shape are
+    skipped and counted; image paths must stay inside `images` unless `allow_outside`."""
     json_path, images = Path(json_path), Path(images)
     if not json_path.is_file():
         raise FileNotFoundError(f"LLaVA json {json_path} does not exist")
@@ -89,11 +91,14 @@ def convert_llava(
     with ShardWriter(out, prefix, samples_per_shard) as writer, progress(len(entries), "llava", quiet) as bar:
         for index, entry in enumerate(entries):
             bar.update(1)
+            ident = entry.get("id", index) if isinstance(entry, dict) else index
             try:
-                fields = _sample(entry, images)
+                fields = _sample(entry, images, allow_outside)
             except Skip as skip:
-                ident = entry.get("id", index) if isinstance(entry, dict) else index
                 stats.skip(skip.reason, f"id {ident}: {skip.detail}")
+                continue
+            except ROW_ERRORS as exc:
+                stats.skip("bad_entry", f"id {ident}: {type(exc).__name__}: {exc}")
                 continue
             n_images = len(fields) - 1
             text_only += n_images == 0

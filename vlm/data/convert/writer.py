@@ -23,6 +23,15 @@ class Skip(Exception):
         self.detail = detail
 
 
+def image_path(root: Path, name: str, allow_outside: bool = False) -> Path:
+    """`root / name`, which must resolve inside `root` (no absolute paths or `../` out of it, no links leading out)
+    unless `allow_outside`: a converter copies only the images it was pointed at."""
+    path = root / name
+    if not allow_outside and not path.resolve().is_relative_to(root.resolve()):
+        raise Skip("outside_images", f"{name} is outside {root} (pass --allow-outside to copy it anyway)")
+    return path
+
+
 def image_bytes(path: Path) -> tuple[str, bytes]:
     """(extension, bytes) of an image file after a full decode check; `Skip` with the reason otherwise."""
     ext = path.suffix.lower().lstrip(".")
@@ -81,14 +90,33 @@ class ShardWriter:
             self._tar.close()
             self._tar = None
         listing = self.out / f"{self.prefix}.txt"
-        listing.write_text("".join(name + "\n" for name in self.shards))
+        tmp = listing.with_name(listing.name + ".tmp")
+        tmp.write_text("".join(name + "\n" for name in self.shards))
+        tmp.replace(listing)
         return listing
+
+    def abort(self) -> None:
+        """A conversion that failed: the shard being written is removed and no list file is written, so no list
+        ever names an incomplete shard (the completed shards stay on disk, unlisted)."""
+        if self._tar is not None:
+            self._tar.close()
+            self._tar = None
+            if self.shards:
+                (self.out / self.shards.pop()).unlink(missing_ok=True)
 
     def __enter__(self) -> ShardWriter:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+# Errors a row of an unexpected shape raises inside a converter (a number where a list belongs, ...): counted as
+# `bad_entry`, like a row that fails a check.
+ROW_ERRORS = (TypeError, AttributeError, KeyError, ValueError, IndexError)
 
 
 class Stats:
