@@ -259,7 +259,8 @@ def main(argv: list[str] | None = None) -> Path:
     config = args.config or args.checkpoint.resolve().parent.parent / "config.yaml"
     cfg = OmegaConf.load(config)
     L.seed_everything(int(cfg.get("seed", 0)), verbose=False)  # as the run did: a random base is rebuilt exactly
-    model, tokenizer = load_model(OmegaConf.to_container(cfg.model, resolve=True), cfg.get("init_from"))
+    model, tokenizer = load_model(OmegaConf.to_container(cfg.model, resolve=True), cfg.get("init_from"),
+                                  cfg.get("init_model_keys") or ())
     stage = instantiate(cfg.stage, model=model, optim=OmegaConf.to_container(cfg.optim), _convert_="all")
     info = apply_checkpoint(stage, args.checkpoint)
     out = stage.export(args.out, tokenizer)

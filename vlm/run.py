@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger("vlm")
 
@@ -21,14 +21,25 @@ def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
+def _command_line() -> list[str]:
+    """The command line's overrides when running under Hydra's main (none under the compose API)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
     from hydra.utils import instantiate
 
     return [instantiate(node) for node in (group or {}).values() if node is not None]
 
 
-def run_stage(cfg: DictConfig) -> Path:
+def run_stage(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Path:
     """Train one stage and write its model directory; returns that directory.
+
+    `overrides`: the overrides `cfg` was composed with (default: the command line's). With `init_from`, only the
+    `model.` keys among them change the loaded model (`vlm.loading.adapt_loaded`); they are recorded in the run's
+    config as `init_model_keys`.
 
     `resume`: null (fresh), `auto` (the newest complete checkpoint in `run_dir/checkpoints`, fresh if none) or a
     checkpoint path. Under FSDP2 the sharded weights are gathered and rank 0 writes the consolidated directory.
@@ -41,23 +52,31 @@ def run_stage(cfg: DictConfig) -> Path:
     from vlm.callbacks import PreemptionCheckpoint, Preempted, has_own_state, replay_train_loader, stash_csv_logs
     from vlm.checkpointing import find_resume_checkpoint
     from vlm.distributed import cluster_plugins
-    from vlm.loading import build_processor, load_model
+    from vlm.loading import build_processor, explicit_model_keys, load_model
 
     if not cfg.get("stage"):
         raise ValueError("no stage chosen: pass stage=lm|align|sft|clip")
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     rank0 = rank_zero_only.rank == 0  # from the launcher's environment (RANK, LOCAL_RANK, SLURM_PROCID)
+    with open_dict(cfg):
+        cfg.init_model_keys = explicit_model_keys(_command_line() if overrides is None else overrides)
     if rank0:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     ckpt_path = find_resume_checkpoint(cfg.get("resume"), run_dir / "checkpoints")
     L.seed_everything(cfg.seed, workers=True)
 
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    if not data_cfg.get("train") and not data_cfg.get("sources"):  # before any model is built
+        raise ValueError("no training data: set data.train=PATTERN (shards or a .txt list), or data.sources")
     prepare = data_cfg.pop("prepare", None)
     if prepare:
         instantiate(prepare)
-    model, tokenizer = load_model(_plain(cfg.model), cfg.get("init_from"))
+    if not cfg.get("init_from"):
+        from vlm.data.bpe import warn_foreign_tokenizer
+
+        warn_foreign_tokenizer(_plain(cfg.model), list(cfg.stage.get("trainable") or []), data_cfg)
+    model, tokenizer = load_model(_plain(cfg.model), cfg.get("init_from"), cfg.init_model_keys)
     processor = build_processor(model, tokenizer)
     datamodule = instantiate(data_cfg)(processor=processor)
     stage = instantiate(cfg.stage, model=model, optim=_plain(cfg.optim), _convert_="all")
@@ -134,7 +153,7 @@ def run_recipe(cfg: DictConfig, user_overrides: Sequence[str] = ()) -> dict[str,
         if previous and INIT_OVERRIDES[init]:
             overrides.append(f"{INIT_OVERRIDES[init]}={previous}")
         log.info("recipe %s: stage %s with %s", cfg.recipe.name, step.name, overrides)
-        previous = str(run_stage(compose("train", overrides=overrides)))
+        previous = str(run_stage(compose("train", overrides=overrides), overrides))
         stage_dirs[step.name] = previous
 
     from lightning.pytorch.utilities import rank_zero_only
