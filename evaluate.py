@@ -7,11 +7,13 @@ from omegaconf import DictConfig, open_dict
 
 @hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    from vlm.hub import friendly_errors
     from vlm.run import run_evaluation
 
     with open_dict(cfg):
         cfg.run_dir = cfg.run_dir or HydraConfig.get().runtime.output_dir
-    run_evaluation(cfg)
+    with friendly_errors():
+        run_evaluation(cfg)
 
 
 if __name__ == "__main__":

@@ -18,14 +18,18 @@ def main(cfg: DictConfig) -> None:
     from vlm.callbacks import Preempted
     from vlm.run import run_recipe, run_stage
 
+    from vlm.hub import friendly_errors, single_log_lines
+
     hydra_cfg = HydraConfig.get()
     with open_dict(cfg):
         cfg.run_dir = cfg.run_dir or hydra_cfg.runtime.output_dir
+    single_log_lines()
     try:
-        if cfg.get("stage"):
-            run_stage(cfg)
-        else:
-            run_recipe(cfg, user_overrides=list(hydra_cfg.overrides.task))
+        with friendly_errors():  # a model that cannot be fetched: one short message (HYDRA_FULL_ERROR=1: traceback)
+            if cfg.get("stage"):
+                run_stage(cfg)
+            else:
+                run_recipe(cfg, user_overrides=list(hydra_cfg.overrides.task))
     except Preempted as stopped:
         print(stopped, file=sys.stderr)
         sys.exit(PREEMPTED_EXIT)

@@ -122,3 +122,26 @@ def test_data_shards_trains_with_only_data_train_from_a_loaded_model(own: dict[s
     assert list(saved.init_model_keys) == []
     with pytest.raises(ValueError, match="no training data: set data.train="):  # data=shards without data.train says so
         run_stage(compose_train("stage=align", "data=shards", f"run_dir={run_dir}-x", "logger=none"), [])
+
+
+# ---- a real model name offline: one short message ----------------------------------------------------------------
+def test_offline_model_name_gives_one_short_message(own: dict[str, Path]) -> None:
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(repo)}
+    env.pop("HYDRA_FULL_ERROR", None)
+    command = [sys.executable, str(repo / "train.py"), "stage=align", "model=llava_7b", "trainer.max_steps=1",
+               "data=shards", f"data.train={own['captions'] / 'train.txt'}", f"run_dir={own['root'] / 'offline'}"]
+    done = subprocess.run(command, cwd=own["root"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in done.stderr + done.stdout
+    message = errors[0]
+    assert "'lmsys/vicuna-7b-v1.5' (model.tokenizer)" in message and "HF_HUB_OFFLINE=0" in message
+    assert "hf download lmsys/vicuna-7b-v1.5" in message and "point model.tokenizer at a local directory" in message
+    assert len(message) < 600
+    output = (done.stdout + done.stderr).splitlines()
+    assert sum("Seed set to 0" in line for line in output) == 1  # each log line printed once
