@@ -1,5 +1,8 @@
 """Evaluate a model directory on a task, or score a predictions file. See conf/evaluate.yaml."""
 
+import os
+from pathlib import Path
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
@@ -17,4 +20,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    # paths.root_dir: this checkout (its data/ and outputs/) from any working directory, unless VLM_ROOT says otherwise
+    os.environ.setdefault("VLM_ROOT", str(Path(__file__).resolve().parent))
     main()

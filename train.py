@@ -4,7 +4,9 @@ A stage stopped by the preemption signal (it saved a checkpoint first) exits wit
 run it again with resume=auto (hydra/launcher=slurm does so by itself).
 """
 
+import os
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -36,4 +38,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    # paths.root_dir: this checkout (its data/ and outputs/) from any working directory, unless VLM_ROOT says otherwise
+    os.environ.setdefault("VLM_ROOT", str(Path(__file__).resolve().parent))
     main()

@@ -84,6 +84,8 @@ def run_stage(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Path:
     stage.nonfinite_loss = (cfg.get("guards") or {}).get("nonfinite_loss", "stop")
 
     loggers = _instantiate_all(cfg.get("logger"))
+    for logger in loggers:  # the whole resolved config as the run's hyperparameters (wandb's config, hparams.yaml)
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     if ckpt_path is not None and rank0:
         stash_csv_logs(loggers)  # Lightning's CSV logger would delete the log of the steps before the resume
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -101,6 +103,10 @@ def run_stage(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Path:
     if ckpt_path is not None:
         log.info("[%s] resuming from %s", stage.stage_name, ckpt_path)
     trainer.fit(stage, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
+    for logger in loggers:  # wandb: close this stage's run (a recipe's next stage starts its own)
+        finish = getattr(getattr(logger, "_experiment", None), "finish", None)
+        if callable(finish):
+            finish()
 
     if any(isinstance(cb, PreemptionCheckpoint) and cb.preempted for cb in trainer.callbacks):
         raise Preempted(f"[{stage.stage_name}] stopped on the preemption signal at step {trainer.global_step} "
@@ -125,6 +131,8 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
     metrics = task.run(model_dir=cfg.get("model_dir"), predictions=cfg.get("predictions"), out_dir=run_dir)
     write_metrics(metrics, run_dir / "metrics.json")
     print(format_metrics(metrics))
+    written = [name for name in ("metrics.json", "predictions.jsonl", "predictions.png") if (run_dir / name).exists()]
+    print(f"wrote {', '.join(written)} to {run_dir.resolve()}")
     return metrics
 
 
