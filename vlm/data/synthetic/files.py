@@ -1,7 +1,7 @@
 """Stand-in "own data" as plain files, in the layouts real data sets come in, for trying the path from files to a
 trained model (README: "From the quickstart to your data") without downloading anything:
 
-    python -m vlm.data.synthetic.files --out my_data [--num-train 400] [--num-test 100] [--seed 1]
+    python -m vlm.data.synthetic.files --out my_data [--num-train 2000] [--num-test 200] [--seed 1]
 
 writes shapes-world pictures (`vlm/data/synthetic/shapes.py`, another seed than the quickstart's) and
 - `photos/*.png`;
@@ -24,7 +24,7 @@ from vlm.data.synthetic.shapes import caption, conversation, draw, questions, sa
 LLAVA_ROLES = {"user": "human", "assistant": "gpt"}
 
 
-def write_example_files(out: str | Path, num_train: int = 400, num_test: int = 100, seed: int = 1,
+def write_example_files(out: str | Path, num_train: int = 2000, num_test: int = 200, seed: int = 1,
                         image_size: int = 64) -> Path:
     """Write the files listed in the module docstring under `out`; returns `out`."""
     out = Path(out)
@@ -56,8 +56,8 @@ def write_example_files(out: str | Path, num_train: int = 400, num_test: int = 1
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m vlm.data.synthetic.files", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--num-train", type=int, default=400)
-    parser.add_argument("--num-test", type=int, default=100)
+    parser.add_argument("--num-train", type=int, default=2000)
+    parser.add_argument("--num-test", type=int, default=200)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--image-size", type=int, default=64)
     args = parser.parse_args(argv)
