@@ -10,7 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from vlm.data.bpe import foreign_tokenizer_warning, shard_texts, trained_on
+from vlm.data.bpe import foreign_tokenizer_warning, shard_texts, trained_on, warn_foreign_tokenizer
 from vlm.data.convert.__main__ import main as convert
 from vlm.data.synthetic.files import write_example_files
 from vlm.data.synthetic.shapes import ensure_shapes
@@ -60,6 +60,15 @@ def test_tokenizer_converter_round_trips_the_shards_text(own: dict[str, Path]) -
     warning = foreign_tokenizer_warning(own["shapes"] / "tokenizer", [str(own["captions"] / "train.txt")])
     assert warning and "was built for other data" in warning and "vlm.data.convert tokenizer" in warning
     assert foreign_tokenizer_warning(own["shapes"] / "tokenizer", [str(own["shapes"] / "train.txt")]) is None
+    # when a stage warns: only for a random decoder or text tower that it trains
+    random_decoder = {"decoder": {"pretrained": False}, "tokenizer": str(own["shapes"] / "tokenizer")}
+    data = {"train": str(own["captions"] / "train.txt")}
+    assert warn_foreign_tokenizer(random_decoder, ["projector", "decoder"], data) is not None
+    assert warn_foreign_tokenizer(random_decoder, ["projector"], data) is None
+    assert warn_foreign_tokenizer({**random_decoder, "decoder": {"pretrained": True}}, ["decoder"], data) is None
+    assert warn_foreign_tokenizer({**random_decoder, "tokenizer": str(out)}, ["decoder"], data) is None
+    mixture = {"sources": {"a": {"train": [str(own["shapes"] / "train.txt")]}, "b": data}}
+    assert "captions" in warn_foreign_tokenizer(random_decoder, ["decoder"], mixture)
 
 
 # ---- init_from keeps the model it loads ------------------------------------------------------------------------
