@@ -154,3 +154,17 @@ def test_offline_model_name_gives_one_short_message(own: dict[str, Path]) -> Non
     assert len(message) < 600
     output = (done.stdout + done.stderr).splitlines()
     assert sum("Seed set to 0" in line for line in output) == 1  # each log line printed once
+
+
+def test_named_model_errors_local_and_hub(tmp_path: Path) -> None:
+    """A missing local path says so; a local directory that exists but is broken keeps its own error."""
+    from vlm.hub import ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError, match=r"'\./nowhere/tokenizer' \(model.tokenizer\): no such local dir"):
+        load_tokenizer("./nowhere/tokenizer")
+    with pytest.raises(ModelNotFoundError, match="neither a local directory nor in the Hugging Face cache"):
+        load_tokenizer("some-org/no-such-model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(Exception) as raised:
+        load_tokenizer(str(tmp_path / "empty"))
+    assert not isinstance(raised.value, ModelNotFoundError)

@@ -35,7 +35,7 @@ def not_found_message(name: str, what: str, key: str, cause: BaseException | Non
     if _looks_local(name):
         return (f"cannot load the {what} {name!r} ({key}): no such local directory (or it lacks the {what}'s "
                 f"files). Point {key} at a directory that holds it, or at a hub name.")
-    where = f"not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
+    where = f"neither a local directory nor in the Hugging Face cache ({constants.HF_HUB_CACHE})"
     if _offline():
         where += " and the hub is offline (HF_HUB_OFFLINE=1)"
     else:
