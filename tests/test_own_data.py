@@ -79,7 +79,8 @@ def tiled_model_dir(own: dict[str, Path]) -> Path:
     return model.save_pretrained(own["root"] / "tiled", tokenizer)
 
 
-def test_init_from_keeps_the_loaded_image_size_and_architecture(own: dict[str, Path], caplog) -> None:
+def test_init_from_keeps_the_loaded_image_size_and_architecture(own: dict[str, Path], caplog, monkeypatch) -> None:
+    monkeypatch.setattr(logging.getLogger("vlm"), "disabled", False)  # hydra/job_logging=disabled elsewhere
     directory = tiled_model_dir(own)
     overrides = [f"paths.data_dir={own['shapes'].parent}", "stage=sft", f"init_from={directory}"]
     cfg = compose_train(*overrides)  # the default model=tiny: 32 px, 3 decoder layers

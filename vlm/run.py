@@ -47,6 +47,7 @@ def run_stage(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Path:
     """
     import lightning as L
     from hydra.utils import instantiate
+    from lightning.pytorch.loggers import CSVLogger
     from lightning.pytorch.utilities import rank_zero_only
 
     from vlm.callbacks import PreemptionCheckpoint, Preempted, has_own_state, replay_train_loader, stash_csv_logs
@@ -84,10 +85,11 @@ def run_stage(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Path:
     stage.nonfinite_loss = (cfg.get("guards") or {}).get("nonfinite_loss", "stop")
 
     loggers = _instantiate_all(cfg.get("logger"))
-    for logger in loggers:  # the whole resolved config as the run's hyperparameters (wandb's config, hparams.yaml)
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     if ckpt_path is not None and rank0:
         stash_csv_logs(loggers)  # Lightning's CSV logger would delete the log of the steps before the resume
+    for logger in loggers:  # the resolved config as the run's hyperparameters (wandb); CSV has config.yaml beside it
+        if not isinstance(logger, CSVLogger):
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     plugins = [instantiate(p) for p in trainer_cfg.pop("plugins", None) or []] + cluster_plugins()
     holder: dict[str, Any] = {}
