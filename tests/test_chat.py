@@ -88,3 +88,16 @@ def test_terminal_loop(model_dir: Path) -> None:
     assert any("cannot open" in o for o in out) and "(conversation cleared)" in out
     assert [m["content"] for m in session.messages if m["role"] == "user"] == ["hello"]  # after /reset
     assert next(lines) == "never read"  # /quit stopped reading
+
+
+def test_typed_image_tag_and_line_breaks(model_dir: Path) -> None:
+    """After /image, `<image>` written in the message places the picture there (the quickstart's layout); `\\n`
+    and a line ending in `\\` give line breaks."""
+    lines = iter([f"/image {model_dir.parent / 'blue.png'}", r"what color is the circle?\n<image>",
+                  f"/image {model_dir.parent / 'blue.png'}", "first line \\", "<image> second line", "/quit"])
+    out: list[str] = []
+    session = main([f"model_dir={model_dir}", "max_new_tokens=2"], read=lambda _: next(lines), write=out.append)
+    assert not any(o.startswith("(error") for o in out) and sum(o.startswith("model> ") for o in out) == 2
+    users = [m["content"] for m in session.messages if m["role"] == "user"]
+    assert users == ["what color is the circle?\n<image>", "first line \n<image> second line"]
+    assert len(session.images) == 2

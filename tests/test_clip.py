@@ -267,7 +267,7 @@ def test_recipe_init_encoder_and_evaluation_model(tmp_path: Path, monkeypatch: p
 
     seen: dict[str, list[str]] = {}
 
-    def fake_stage(cfg):
+    def fake_stage(cfg, overrides=None):
         seen[Path(cfg.run_dir).name] = [f"init_from={cfg.init_from}",
                                         f"model.encoder.init_from={cfg.model.encoder.init_from}"]
         return Path(cfg.run_dir) / "model"

@@ -90,6 +90,7 @@ def test_local_launcher_runs_a_sweep_with_a_run_directory_per_job(tmp_path: Path
     import runpy
 
     sweep = tmp_path / "sweep"
+    monkeypatch.setenv("VLM_ROOT", str(tmp_path))  # train.py would set it to the checkout for the whole process
     monkeypatch.setattr(sys, "argv", [
         "train.py", "-m", "hydra/launcher=local", "stage=align", "seed=0,1", f"paths.data_dir={shapes.parent}",
         "data.prepare.num_train=200", "data.prepare.num_val=20", "data.prepare.num_test=20",
@@ -106,3 +107,9 @@ def test_local_launcher_runs_a_sweep_with_a_run_directory_per_job(tmp_path: Path
         assert (sweep / job / "model" / "model.safetensors").is_file()
         assert (sweep / job / "checkpoints" / "step-00000002.ckpt").is_file()
         assert OmegaConf.load(sweep / job / "config.yaml").seed == seed
+    import csv
+
+    with (sweep / "sweep.csv").open() as f:  # the sweep's summary: one row per job
+        rows = list(csv.DictReader(f))
+    assert [r["job"] for r in rows] == ["0", "1"] and [r["run_dir"] for r in rows] == [str(sweep / j) for j in jobs]
+    assert "seed=0" in rows[0]["overrides"].split() and "seed=1" in rows[1]["overrides"].split()

@@ -77,3 +77,36 @@ def test_command_line_prints_counts_and_writes_the_picture(model_and_dir, tmp_pa
     printed = capsys.readouterr().out
     word, count = result.most_common(1)[0]
     assert f"{count:5d}  {word!r}" in printed and "4x4 image tokens" in printed
+
+
+def test_tiled_model_one_word_per_tile_token(model_and_dir, tmp_path: Path, capsys) -> None:
+    """A tiled model (max_tiles 4): a 40 px picture is a 2x2 grid of 16 px tiles plus a thumbnail; every tile token
+    gets its word, each tile is its own grid, and the picture shows the tiles beside the thumbnail."""
+    from vlm.models.vlm import VisionLanguageModel
+
+    _, _, model_dir = model_and_dir
+    model, tokenizer = VisionLanguageModel.from_pretrained(model_dir)
+    model.config["max_tiles"] = 4
+    tiled_dir = model.save_pretrained(tmp_path / "tiled", tokenizer)
+    out = tmp_path / "tiled.png"
+    result = main([f"model_dir={tiled_dir}", f"image={model_dir.parent / 'yellow.png'}", f"out={out}"])
+    per_tile = model.tokens_per_image
+    assert result.tile_grid == (2, 2) and len(result.tiles) == 4 and result.thumbnail is not None
+    assert all(len(tile.tokens) == per_tile == 16 and tile.grid == (4, 4) for tile in result.tiles)
+    assert len(result.thumbnail.tokens) == per_tile and len(result.tokens) == 5 * per_tile
+    # the words of the tile at row 1, column 2 (and of the thumbnail) come from that tile's own features
+    from vlm.data.images import ImageTransform
+
+    with Image.open(model_dir.parent / "yellow.png") as opened:
+        image = opened.convert("RGB")
+    pixels, grid = ImageTransform(16, model.encoder.image_mean, model.encoder.image_std, max_tiles=4)(image)
+    assert grid == (2, 2) and pixels.shape[0] == 5
+    table = torch.nn.functional.normalize(model.decoder.get_input_embeddings().weight[: len(tokenizer)], dim=-1)
+    special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
+    with torch.no_grad():
+        for index, view in ((1, result.tiles[1]), (4, result.thumbnail)):
+            sim = torch.nn.functional.normalize(model.eval().encode_images(pixels[index:index + 1])[0], dim=-1) @ table.T
+            sim[:, sorted(i for i in special if i < len(tokenizer))] = float("-inf")
+            assert view.ids == sim.argmax(-1).tolist()
+    assert Image.open(out).size == (2 * 768 + 16, 768)
+    assert "2x2 tiles + a thumbnail, 4x4 image tokens each (80 in all)" in capsys.readouterr().out

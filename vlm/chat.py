@@ -4,7 +4,8 @@
                        [device=auto] [dtype=auto] [trust_remote_code=false]
 
 In the terminal: `/image PATH` adds an image to your next message, `/reset` forgets the conversation, `/quit` (or
-end of input) leaves. The whole history is rendered with the model's chat template every turn, so the model sees
+end of input) leaves. Write `<image>` in the message to place the image there (otherwise it goes before the text);
+type `\n` for a line break, or end a line with `\` to continue the message on the next line. The whole history is rendered with the model's chat template every turn, so the model sees
 earlier questions, answers and images exactly as a multi-turn training sample.
 
 From Python: `chat(model, tokenizer, images, messages)` returns the reply; `add_chat_method(model, tokenizer)` gives
@@ -85,13 +86,24 @@ class ChatSession:
         self._pending += 1
 
     def send(self, text: str) -> str:
-        content = (IMAGE_TAG * self._pending + "\n" + text) if self._pending else text
+        """Ask `text`; images added since the last message go where it has `<image>` tags, the rest before it."""
+        missing = self._pending - text.count(IMAGE_TAG)
+        content = (IMAGE_TAG * missing + "\n" + text) if missing > 0 else text
         messages = [*self.messages, {"role": "user", "content": content}]
         reply = chat(self.answerer.model, self.answerer.tokenizer, self.images, messages, answerer=self.answerer,
                      **self.generation)
         self.messages = [*messages, {"role": "assistant", "content": reply}]
         self._pending = 0
         return reply
+
+
+def read_message(read: Callable[[str], str]) -> str:
+    """One input from the terminal: a line ending in `\\` continues on the next one (joined by a line break)."""
+    lines = [read("you> ")]
+    while lines[-1].endswith("\\"):
+        lines[-1] = lines[-1][:-1]
+        lines.append(read("...> "))
+    return "\n".join(lines).strip()
 
 
 def _options(argv: Sequence[str]) -> dict[str, Any]:
@@ -114,10 +126,11 @@ def main(argv: Sequence[str] | None = None, read: Callable[[str], str] = input,
     session = ChatSession(answerer, system=options.pop("system", None), **options)
     if image:
         session.add_image(image)
-    write("Chat with the model. /image PATH adds an image, /reset starts over, /quit leaves.")
+    write("Chat with the model. /image PATH adds an image (write <image> in your message to place it), /reset starts "
+          "over, /quit leaves. \\n is a line break; a line ending in \\ continues on the next.")
     while True:
         try:
-            line = read("you> ").strip()
+            line = read_message(read)
         except EOFError:
             break
         if not line:
@@ -136,7 +149,7 @@ def main(argv: Sequence[str] | None = None, read: Callable[[str], str] = input,
                 write(f"(cannot open {path!r}: {exc})")
         else:
             try:
-                write("model> " + session.send(line))
+                write("model> " + session.send(line.replace("\\n", "\n")))  # a typed \n is a line break
             except ValueError as exc:  # e.g. the conversation no longer fits the model's max_length
                 write(f"(error: {exc})")
     return session

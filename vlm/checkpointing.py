@@ -304,8 +304,8 @@ def main(argv: list[str] | None = None) -> Path:
     run_config = OmegaConf.to_container(OmegaConf.load(config))  # saved resolved; nothing is interpolated here
     model_cfg, stage_cfg, optim = rebuild_specs(run_config, str(config))
     L.seed_everything(int(run_config.get("seed") or 0), verbose=False)  # as the run did: a random base is rebuilt
-    model, tokenizer = load_model(model_cfg, run_config.get("init_from"), trusted=False,
-                                  trust_remote_code=args.trust_remote_code)
+    model, tokenizer = load_model(model_cfg, run_config.get("init_from"), run_config.get("init_model_keys") or (),
+                                  trusted=False, trust_remote_code=args.trust_remote_code)
     stage = build("stage", stage_cfg, f"{config}: stage", model=model, optim=optim)
     info = apply_checkpoint(stage, args.checkpoint)
     from vlm.stages.base import check_finite

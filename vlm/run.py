@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger("vlm")
 
@@ -21,13 +21,20 @@ def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
+def _command_line() -> list[str]:
+    """The command line's overrides when running under Hydra's main (none under the compose API)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
     from hydra.utils import instantiate
 
     return [instantiate(node) for node in (group or {}).values() if node is not None]
 
 
-def run_stage(cfg: DictConfig) -> Path:
+def run_stage(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Path:
     """Train one stage in `cfg.run_dir`, holding that directory's lock for the run (`vlm.run_lock`: a second run
     there fails at once, naming the holder); see `train_stage`. Config values of the wrong type are errors first,
     before any model is built (`vlm.config_check`)."""
@@ -40,11 +47,15 @@ def run_stage(cfg: DictConfig) -> Path:
     if not cfg.get("stage"):
         raise ValueError("no stage chosen: pass stage=lm|align|sft|clip")
     with RunDirLock(Path(cfg.run_dir), enabled=rank_zero_only.rank == 0):
-        return train_stage(cfg)
+        return train_stage(cfg, overrides)
 
 
-def train_stage(cfg: DictConfig) -> Path:
+def train_stage(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Path:
     """Train one stage and write its model directory; returns that directory.
+
+    `overrides`: the overrides `cfg` was composed with (default: the command line's). With `init_from`, only the
+    `model.` keys among them change the loaded model (`vlm.loading.adapt_loaded`); they are recorded in the run's
+    config as `init_model_keys`.
 
     `resume`: null (fresh), `auto` (the newest complete checkpoint in `run_dir/checkpoints`, fresh if none) or a
     checkpoint path. Under FSDP2 the sharded weights are gathered and rank 0 writes the consolidated directory.
@@ -52,28 +63,37 @@ def train_stage(cfg: DictConfig) -> Path:
     """
     import lightning as L
     from hydra.utils import instantiate
+    from lightning.pytorch.loggers import CSVLogger
     from lightning.pytorch.utilities import rank_zero_only
 
     from vlm.callbacks import PreemptionCheckpoint, Preempted, has_own_state, replay_train_loader, stash_csv_logs
     from vlm.checkpointing import find_resume_checkpoint
     from vlm.distributed import cluster_plugins
-    from vlm.loading import build_processor, load_model
+    from vlm.loading import build_processor, explicit_model_keys, load_model
 
     if not cfg.get("stage"):
         raise ValueError("no stage chosen: pass stage=lm|align|sft|clip")
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     rank0 = rank_zero_only.rank == 0  # from the launcher's environment (RANK, LOCAL_RANK, SLURM_PROCID)
+    with open_dict(cfg):
+        cfg.init_model_keys = explicit_model_keys(_command_line() if overrides is None else overrides)
     if rank0:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     ckpt_path = find_resume_checkpoint(cfg.get("resume"), run_dir / "checkpoints")
     L.seed_everything(cfg.seed, workers=True)
 
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    if not data_cfg.get("train") and not data_cfg.get("sources"):  # before any model is built
+        raise ValueError("no training data: set data.train=PATTERN (shards or a .txt list), or data.sources")
     prepare = data_cfg.pop("prepare", None)
     if prepare:
         instantiate(prepare)
-    model, tokenizer = load_model(_plain(cfg.model), cfg.get("init_from"))
+    if not cfg.get("init_from"):
+        from vlm.data.bpe import warn_foreign_tokenizer
+
+        warn_foreign_tokenizer(_plain(cfg.model), list(cfg.stage.get("trainable") or []), data_cfg)
+    model, tokenizer = load_model(_plain(cfg.model), cfg.get("init_from"), cfg.init_model_keys)
     processor = build_processor(model, tokenizer)
     datamodule = instantiate(data_cfg)(processor=processor)
     stage = instantiate(cfg.stage, model=model, optim=_plain(cfg.optim), _convert_="all")
@@ -85,6 +105,9 @@ def train_stage(cfg: DictConfig) -> Path:
     loggers = _instantiate_all(cfg.get("logger"))
     if ckpt_path is not None and rank0:
         stash_csv_logs(loggers)  # Lightning's CSV logger would delete the log of the steps before the resume
+    for logger in loggers:  # the resolved config as the run's hyperparameters (wandb); CSV has config.yaml beside it
+        if not isinstance(logger, CSVLogger):
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     plugins = [instantiate(p) for p in trainer_cfg.pop("plugins", None) or []] + cluster_plugins()
     holder: dict[str, Any] = {}
@@ -106,6 +129,11 @@ def train_stage(cfg: DictConfig) -> Path:
     except SIGTERMException:  # Lightning's own handler (before training started): a SystemExit with status 0
         raise Preempted(f"[{stage.stage_name}] stopped on SIGTERM before training started (nothing new saved); "
                         f"resume with resume=auto run_dir={run_dir}", 128 + 15) from None
+    finally:
+        for logger in loggers:  # wandb: close this stage's run (a recipe's next stage starts its own)
+            finish = getattr(getattr(logger, "_experiment", None), "finish", None)
+            if callable(finish):
+                finish()
 
     stopped = [cb for cb in trainer.callbacks if isinstance(cb, PreemptionCheckpoint) and cb.preempted]
     if stopped:
@@ -137,6 +165,8 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
                        trust_remote_code=bool(cfg.get("trust_remote_code", False)))
     write_metrics(metrics, run_dir / "metrics.json")
     print(format_metrics(metrics))
+    written = [name for name in ("metrics.json", "predictions.jsonl", "predictions.png") if (run_dir / name).exists()]
+    print(f"wrote {', '.join(written)} to {run_dir.resolve()}")
     return metrics
 
 
@@ -165,7 +195,7 @@ def run_recipe(cfg: DictConfig, user_overrides: Sequence[str] = ()) -> dict[str,
         if previous and INIT_OVERRIDES[init]:
             overrides.append(f"{INIT_OVERRIDES[init]}={previous}")
         log.info("recipe %s: stage %s with %s", cfg.recipe.name, step.name, overrides)
-        previous = str(run_stage(compose("train", overrides=overrides)))
+        previous = str(run_stage(compose("train", overrides=overrides), overrides))
         stage_dirs[step.name] = previous
 
     from lightning.pytorch.utilities import rank_zero_only

@@ -5,8 +5,10 @@
 
 The GIT-LLM article's experiment: after the projector, image tokens live in the decoder's input-embedding space,
 so each can be compared (cosine similarity) with every token embedding. The tool prints the most frequent nearest
-tokens with counts and writes a PNG with each word drawn over the image at its patch position. Special tokens
-(`<image>`, chat markers, padding) are left out of the search unless `include_special=true`.
+tokens with counts and writes a PNG with each word drawn over the image at its patch position. A tiled model
+(`max_tiles > 1`) sees the picture as it was trained to: every tile's words are drawn at the tile's place, and the
+thumbnail's words in a second panel. Special tokens (`<image>`, chat markers, padding) are left out of the search
+unless `include_special=true`.
 """
 
 from __future__ import annotations
@@ -27,13 +29,20 @@ from vlm.evaluation.report import _font
 
 @dataclass
 class NearestTokens:
-    """One entry per image patch, row-major over `grid`; `prefix` holds the tokens of non-patch features (CLS)."""
+    """One entry per image token, row-major over `grid`; `prefix` holds the tokens of non-patch features (CLS).
+
+    Tiled: `tiles` holds one result per tile (row-major over `tile_grid`) and `thumbnail` the global view's; the
+    top-level lists then hold every tile's tokens followed by the thumbnail's.
+    """
 
     tokens: list[str]
     ids: list[int]
     similarity: list[float]
     grid: tuple[int, int]
     prefix: list[str] = field(default_factory=list)
+    tile_grid: tuple[int, int] = (1, 1)
+    tiles: list[NearestTokens] = field(default_factory=list)
+    thumbnail: NearestTokens | None = None
 
     def most_common(self, n: int = 20) -> list[tuple[str, int]]:
         return Counter(self.tokens).most_common(n)
@@ -62,47 +71,86 @@ def _display(tokenizer: Any, token_id: int) -> str:
 @torch.no_grad()
 def nearest_tokens(model: nn.Module, tokenizer: Any, image: Image.Image,
                    include_special: bool = False) -> NearestTokens:
-    """The nearest vocabulary entry (cosine similarity to its input embedding) of each projected image token."""
+    """The nearest vocabulary entry (cosine similarity to its input embedding) of each projected image token, for
+    every tile the model's own transform makes of the image (`max_tiles` of its config) and the thumbnail."""
     from vlm.data.images import ImageTransform
 
     encoder = model.encoder
-    transform = ImageTransform(encoder.image_size, encoder.image_mean, encoder.image_std, max_tiles=1)
-    pixels, _ = transform(image.convert("RGB"))
+    max_tiles = int((getattr(model, "config", None) or {}).get("max_tiles", 1))
+    transform = ImageTransform(encoder.image_size, encoder.image_mean, encoder.image_std, max_tiles=max_tiles)
+    pixels, tile_grid = transform(image.convert("RGB"))
     pixels = pixels.to(next(model.parameters()).device)
-    features = model.encode_images(pixels)[0].float()  # (T', D)
+    features = model.encode_images(pixels).float()  # (tiles, T', D)
     table = model.decoder.get_input_embeddings().weight[: len(tokenizer)].float()  # rows past the tokenizer: padding
-    similarity = nn.functional.normalize(features, dim=-1) @ nn.functional.normalize(table, dim=-1).T
+    table = nn.functional.normalize(table, dim=-1)
+    excluded = []
     if not include_special:
-        special = [i for i in tokenizer.all_special_ids if i < len(tokenizer)]
-        special += [i for i in tokenizer.get_added_vocab().values() if i < len(tokenizer)]
-        similarity[:, sorted(set(special))] = float("-inf")
-    best, ids = similarity.max(dim=-1)
-    rows, cols, prefix = token_grid(features.shape[0], encoder.grid)
-    words = [_display(tokenizer, int(i)) for i in ids]
-    return NearestTokens(tokens=words[prefix:], ids=ids[prefix:].tolist(), similarity=best[prefix:].tolist(),
-                         grid=(rows, cols), prefix=words[:prefix])
+        excluded = [i for i in tokenizer.all_special_ids if i < len(tokenizer)]
+        excluded = sorted(set(excluded + [i for i in tokenizer.get_added_vocab().values() if i < len(tokenizer)]))
+    rows, cols, prefix = token_grid(features.shape[1], encoder.grid)
+    views = []
+    for tile in features:
+        similarity = nn.functional.normalize(tile, dim=-1) @ table.T
+        similarity[:, excluded] = float("-inf")
+        best, ids = similarity.max(dim=-1)
+        words = [_display(tokenizer, int(i)) for i in ids]
+        views.append(NearestTokens(tokens=words[prefix:], ids=ids[prefix:].tolist(),
+                                   similarity=best[prefix:].tolist(), grid=(rows, cols), prefix=words[:prefix]))
+    if len(views) == 1:
+        return views[0]
+    return NearestTokens(tokens=[w for v in views for w in v.tokens], ids=[i for v in views for i in v.ids],
+                         similarity=[x for v in views for x in v.similarity], grid=(rows, cols),
+                         prefix=[w for v in views for w in v.prefix], tile_grid=tuple(tile_grid),
+                         tiles=views[:-1], thumbnail=views[-1])
 
 
 def draw_words(image: Image.Image, result: NearestTokens, path: str | Path, size: int = 768) -> Path:
-    """The image, enlarged, with a light grid and each patch's nearest word written in its cell."""
-    rows, cols = result.grid
+    """The image, enlarged, with a light grid and each patch's nearest word written in its cell. Tiled: each
+    tile's words over its part of the picture (a stronger line between tiles), the thumbnail's beside it."""
     canvas = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC).convert("RGBA")
     overlay = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(overlay)
-    cell_w, cell_h = size / cols, size / rows
+    if not result.tiles:
+        _draw_cells(draw, result, 0.0, 0.0, float(size), float(size))
+        path = Path(path)
+        Image.alpha_composite(canvas, overlay).convert("RGB").save(path)
+        return path
+    t_rows, t_cols = result.tile_grid
+    tile_w, tile_h = size / t_cols, size / t_rows
+    for n, tile in enumerate(result.tiles):
+        r, c = divmod(n, t_cols)
+        _draw_cells(draw, tile, c * tile_w, r * tile_h, tile_w, tile_h)
+        draw.rectangle((c * tile_w, r * tile_h, (c + 1) * tile_w, (r + 1) * tile_h), outline=(255, 60, 60, 220),
+                       width=3)
+    tiled = Image.alpha_composite(canvas, overlay)
+    thumb = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC).convert("RGBA")
+    thumb_overlay = Image.new("RGBA", thumb.size, (0, 0, 0, 0))
+    if result.thumbnail is not None:
+        _draw_cells(ImageDraw.Draw(thumb_overlay), result.thumbnail, 0.0, 0.0, float(size), float(size))
+    both = Image.new("RGB", (2 * size + 16, size), (255, 255, 255))
+    both.paste(tiled.convert("RGB"), (0, 0))
+    both.paste(Image.alpha_composite(thumb, thumb_overlay).convert("RGB"), (size + 16, 0))
+    path = Path(path)
+    both.save(path)
+    return path
+
+
+def _draw_cells(draw: ImageDraw.ImageDraw, result: NearestTokens, left: float, top: float, width: float,
+                height: float) -> None:
+    """`result`'s words in a rows x cols grid of cells over the box (left, top, width, height)."""
+    rows, cols = result.grid
+    cell_w, cell_h = width / cols, height / rows
     font = _font(max(8, min(18, int(cell_h / 2.5))))
     for n, word in enumerate(result.tokens):
         r, c = divmod(n, cols)
-        x0, y0 = c * cell_w, r * cell_h
+        x0, y0 = left + c * cell_w, top + r * cell_h
         draw.rectangle((x0, y0, x0 + cell_w, y0 + cell_h), outline=(255, 255, 255, 90))
         text = word[: max(2, int(cell_w // 7))]
-        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-        tx, ty = x0 + (cell_w - (right - left)) / 2, y0 + (cell_h - (bottom - top)) / 2
-        draw.rectangle((tx - 2, ty - 1, tx + right - left + 2, ty + bottom - top + 3), fill=(255, 255, 255, 170))
-        draw.text((tx - left, ty - top), text, fill=(0, 0, 0, 255), font=font)
-    path = Path(path)
-    Image.alpha_composite(canvas, overlay).convert("RGB").save(path)
-    return path
+        text_left, text_top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        tx, ty = x0 + (cell_w - (right - text_left)) / 2, y0 + (cell_h - (bottom - text_top)) / 2
+        draw.rectangle((tx - 2, ty - 1, tx + right - text_left + 2, ty + bottom - text_top + 3),
+                       fill=(255, 255, 255, 170))
+        draw.text((tx - text_left, ty - text_top), text, fill=(0, 0, 0, 255), font=font)
 
 
 def main(argv: Sequence[str] | None = None) -> NearestTokens:
@@ -123,7 +171,12 @@ def main(argv: Sequence[str] | None = None) -> NearestTokens:
     result = nearest_tokens(model.eval(), tokenizer, image, bool(options.get("include_special", False)))
     out = draw_words(image, result, options.get("out", "nearest_tokens.png"))
     rows, cols = result.grid
-    print(f"{rows}x{cols} image tokens; most frequent nearest tokens:")
+    if result.tiles:
+        t_rows, t_cols = result.tile_grid
+        print(f"{t_rows}x{t_cols} tiles + a thumbnail, {rows}x{cols} image tokens each ({len(result.tokens)} in all); "
+              "most frequent nearest tokens:")
+    else:
+        print(f"{rows}x{cols} image tokens; most frequent nearest tokens:")
     for word, count in result.most_common(int(options.get("top", 20))):
         print(f"  {count:5d}  {word!r}")
     print(f"mean cosine similarity {sum(result.similarity) / len(result.similarity):.3f}; picture: {out}")

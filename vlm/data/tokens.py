@@ -63,7 +63,10 @@ def load_tokenizer(name_or_path: str, max_tiles: int = 1, trust_remote_code: boo
     """`AutoTokenizer.from_pretrained` followed by `add_vlm_tokens` (no remote code unless asked)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kwargs)
+    from vlm.hub import named_model
+
+    with named_model(name_or_path, "tokenizer", "model.tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kwargs)
     return add_vlm_tokens(tokenizer, max_tiles=max_tiles)
 
 

@@ -59,13 +59,17 @@ class LLMJudge:
 
         self.prompt, self.max_new_tokens, self.batch_size = prompt, int(max_new_tokens), int(batch_size)
         self.levels, self.pattern = int(levels), pattern
-        self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        from vlm.hub import named_model
+
+        with named_model(name_or_path, "judge tokenizer", "task.judge"):
+            self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.device, dtype = resolve_device(device, dtype)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, dtype=dtype, trust_remote_code=trust_remote_code).to(self.device).eval()
+        with named_model(name_or_path, "judge model", "task.judge"):
+            self.model = AutoModelForCausalLM.from_pretrained(
+                name_or_path, dtype=dtype, trust_remote_code=trust_remote_code).to(self.device).eval()
         self.use_chat_template = use_chat_template and bool(getattr(self.tokenizer, "chat_template", None))
 
     def prompt_for(self, item: dict[str, Any]) -> str:

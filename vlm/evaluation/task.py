@@ -112,13 +112,18 @@ class Task:
         """Answer every item. Only the first `picture_samples` keep their image in memory (for the picture)."""
         from vlm.evaluation.answerer import Answerer
 
+        from tqdm.auto import tqdm
+
         answerer = Answerer.from_dir(model_dir, device, dtype, trust_remote_code)
         predictions: list[dict[str, Any]] = []
-        for items in self.batches():
-            for p in self.predict_batch(answerer, items):
-                if len(predictions) >= self.picture_samples and not isinstance(p.get("image"), str):
-                    p.pop("image", None)
-                predictions.append(p)
+        # a bar on a terminal (none in log files): the total is known only with a limit
+        with tqdm(total=self.limit, desc=self.name, unit="item", dynamic_ncols=True, disable=None) as bar:
+            for items in self.batches():
+                for p in self.predict_batch(answerer, items):
+                    if len(predictions) >= self.picture_samples and not isinstance(p.get("image"), str):
+                        p.pop("image", None)
+                    predictions.append(p)
+                bar.update(len(items))
         return predictions
 
     # ---- the protocol ------------------------------------------------------------------------------------------

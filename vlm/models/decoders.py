@@ -37,12 +37,15 @@ def build_decoder(
     the shapes of `config` (or, without one, of `name_or_path`'s config)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from vlm.hub import named_model
+
     kwargs = {"dtype": _dtype(dtype), "attn_implementation": attn_implementation,
               "trust_remote_code": trust_remote_code}
     if pretrained:
         if not name_or_path:
             raise ValueError("pretrained=True needs name_or_path")
-        return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+        with named_model(name_or_path, "decoder", "model.decoder.name_or_path"):
+            return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     if config is not None:
         config = dict(config)
         if "model_type" not in config:
@@ -50,7 +53,8 @@ def build_decoder(
         cfg = AutoConfig.for_model(config.pop("model_type"), **{k: v for k, v in config.items()
                                                                 if k not in BOOKKEEPING_KEYS})
     elif name_or_path:
-        cfg = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        with named_model(name_or_path, "decoder config", "model.decoder.name_or_path"):
+            cfg = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     else:
         raise ValueError("a decoder needs `config` or `name_or_path`")
     return AutoModelForCausalLM.from_config(cfg, **kwargs)

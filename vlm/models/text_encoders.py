@@ -46,7 +46,10 @@ class TextEncoder(nn.Module):
         if pretrained:
             if not name_or_path:
                 raise ValueError("pretrained=True needs name_or_path")
-            self.model = _model_class(_hf_config(name_or_path)).from_pretrained(name_or_path, dtype=torch.float32)
+            from vlm.hub import named_model
+
+            with named_model(name_or_path, "text encoder", "model.text_encoder.name_or_path"):
+                self.model = _model_class(_hf_config(name_or_path)).from_pretrained(name_or_path, dtype=torch.float32)
         else:
             if config is not None:
                 cfg = _config_from_dict(config)
@@ -120,7 +123,10 @@ def _config_from_dict(config: dict[str, Any]) -> Any:
 def _hf_config(name_or_path: str) -> Any:
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(name_or_path)
+    from vlm.hub import named_model
+
+    with named_model(name_or_path, "text encoder config", "model.text_encoder.name_or_path"):
+        return AutoConfig.from_pretrained(name_or_path)
 
 
 def _text_config(config: Any) -> Any:

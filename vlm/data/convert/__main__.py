@@ -1,4 +1,4 @@
-"""`python -m vlm.data.convert {images,llava,synthetic} ...`: see `vlm/data/convert/__init__.py`."""
+"""`python -m vlm.data.convert {images,llava,tokenizer,synthetic} ...`: see `vlm/data/convert/__init__.py`."""
 from __future__ import annotations
 
 import argparse
@@ -30,6 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
     llava.add_argument("--images", required=True, help="folder the entries' `image` paths are relative to")
     common(llava)
 
+    tokenizer = sub.add_parser("tokenizer", help="a byte-level BPE tokenizer for the text in shards")
+    tokenizer.add_argument("--shards", required=True, help="what data.train takes: a .txt list, a pattern, a::b")
+    tokenizer.add_argument("--vocab-size", type=int, required=True, help="e.g. 8000 (special tokens included)")
+    tokenizer.add_argument("--out", required=True, help="tokenizer directory to write (model.tokenizer=DIR)")
+    tokenizer.add_argument("--max-tiles", type=int, default=9, help="tile markers for grids up to this many tiles")
+    tokenizer.add_argument("--caption-field", default="caption", help="json field of a caption without .txt")
+    tokenizer.add_argument("--quiet", action="store_true", help="no progress bar")
+
     synthetic = sub.add_parser("synthetic", help="the quickstart's shapes world")
     synthetic.add_argument("--root", required=True)
     synthetic.add_argument("--num-train", type=int, default=20000)
@@ -54,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
 
         convert_llava(args.json, args.images, args.out, args.prefix, args.samples_per_shard, args.quiet,
                       args.allow_outside)
+    elif args.command == "tokenizer":
+        from vlm.data.convert.tokenizer import convert_tokenizer
+
+        convert_tokenizer(args.shards, args.vocab_size, args.out, args.max_tiles, args.caption_field, args.quiet)
     else:
         from vlm.data.convert.synthetic import convert_synthetic
 

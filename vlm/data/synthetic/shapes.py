@@ -19,7 +19,7 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from PIL import Image, ImageDraw
 
@@ -175,30 +175,12 @@ def shard_names(split: str, count: int, samples_per_shard: int) -> list[str]:
     return [f"{split}-{n:06d}.tar" for n in range((count + samples_per_shard - 1) // samples_per_shard)]
 
 
-def train_tokenizer(texts: list[str], directory: Path, vocab_size: int = TOKENIZER_VOCAB_SIZE) -> None:
-    """Byte-level BPE on the generated texts, wrapped in PreTrainedTokenizerFast with the VLM special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+def train_tokenizer(texts: list[str], directory: Path, vocab_size: int = TOKENIZER_VOCAB_SIZE,
+                    trained_on: Sequence[str] = ()) -> None:
+    """Byte-level BPE on the generated texts, with the VLM special tokens (`vlm.data.bpe`)."""
+    from vlm.data.bpe import train_bpe_tokenizer
 
-    from vlm.data.formats import DEFAULT_CAPTION_PROMPTS
-    from vlm.data.tokens import CHATML_TEMPLATE, IM_END, PAD_TOKEN, add_vlm_tokens, vlm_special_tokens
-
-    special = vlm_special_tokens(TOKENIZER_MAX_TILES)
-    model = Tokenizer(models.BPE())
-    model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    model.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=special,  # ids 0.. in this order: <pad>=0
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    extra = ["user", "assistant", "system", "user\n", "assistant\n", *DEFAULT_CAPTION_PROMPTS]
-    model.train_from_iterator(texts + extra * 50, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=model, pad_token=PAD_TOKEN, eos_token=IM_END)
-    tokenizer.chat_template = CHATML_TEMPLATE
-    add_vlm_tokens(tokenizer, TOKENIZER_MAX_TILES)  # registers the rest as special (they already have ids)
-    tokenizer.save_pretrained(str(directory))
+    train_bpe_tokenizer(texts, directory, vocab_size, TOKENIZER_MAX_TILES, trained_on)
 
 
 def _params(**kwargs: Any) -> dict[str, Any]:
@@ -256,7 +238,7 @@ def ensure_shapes(
             names = shard_names(split, count, samples_per_shard)
             (tmp / f"{split}.txt").write_text("".join(n + "\n" for n in names))
             files += names + [f"{split}.txt"]
-        train_tokenizer(texts, tmp / "tokenizer")
+        train_tokenizer(texts, tmp / "tokenizer", trained_on=[str(root.resolve())])
         if (root / "tokenizer").exists():
             shutil.rmtree(root / "tokenizer")
         os.replace(tmp / "tokenizer", root / "tokenizer")

@@ -59,6 +59,8 @@ class HFVisionEncoder(VisionEncoder):
     ) -> None:
         import transformers
 
+        from vlm.hub import named_model
+
         super().__init__()
         if family not in FAMILIES:
             raise ValueError(f"unknown encoder family {family!r}; known families: {sorted(FAMILIES)}")
@@ -68,12 +70,14 @@ class HFVisionEncoder(VisionEncoder):
         if pretrained:
             if not name_or_path:
                 raise ValueError("pretrained=True needs name_or_path")
-            self.model = model_class.from_pretrained(name_or_path, dtype=torch.float32)
+            with named_model(name_or_path, "vision encoder", "model.encoder.name_or_path"):
+                self.model = model_class.from_pretrained(name_or_path, dtype=torch.float32)
         else:
             if config is not None:
                 cfg = config_class(**{k: v for k, v in config.items() if k not in BOOKKEEPING_KEYS})
             elif name_or_path:
-                cfg = config_class.from_pretrained(name_or_path)
+                with named_model(name_or_path, "vision encoder config", "model.encoder.name_or_path"):
+                    cfg = config_class.from_pretrained(name_or_path)
             else:
                 raise ValueError("an HF encoder needs `config` or `name_or_path`")
             self.model = model_class(cfg)
