@@ -16,8 +16,10 @@ PREEMPTED_EXIT = 3
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from vlm.callbacks import Preempted
+    from vlm.console import tidy_console
     from vlm.run import run_recipe, run_stage
 
+    tidy_console()
     hydra_cfg = HydraConfig.get()
     with open_dict(cfg):
         cfg.run_dir = cfg.run_dir or hydra_cfg.runtime.output_dir

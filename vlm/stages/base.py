@@ -102,6 +102,9 @@ class Stage(L.LightningModule):
         counts = format_parameter_counts(parameter_counts(self.model))
         rank_zero_info(f"[{self.stage_name}] trains {self.trainable}\n{counts}")
         rank_zero_info(f"[{self.stage_name}] {effective_batch_report(self.trainer)}")
+        size = getattr(getattr(self.model, "encoder", None), "image_size", None)
+        if size is not None:
+            rank_zero_info(f"[{self.stage_name}] image size: {size} px (the encoder's input)")
 
     # ---- scale-out ------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
