@@ -7,6 +7,7 @@ the latest losses.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from lightning.pytorch.callbacks import TQDMProgressBar
@@ -31,17 +32,17 @@ class StageProgressBar(TQDMProgressBar):
         return f"[{getattr(pl_module, 'stage_name', None) or type(pl_module).__name__}]"
 
     def init_train_tqdm(self) -> Tqdm:
-        bar = super().init_train_tqdm()
-        bar.bar_format = self.BAR_FORMAT
-        bar.set_description(self._name(self.trainer.lightning_module), refresh=False)
-        return bar
+        return Tqdm(desc=self._name(self.trainer.lightning_module), total=self._total(self.trainer),
+                    initial=int(self.trainer.global_step), position=2 * self.process_position,
+                    disable=self.is_disabled, leave=True, dynamic_ncols=True, file=sys.stdout, smoothing=0,
+                    bar_format=self.BAR_FORMAT)
 
     def on_train_epoch_start(self, trainer: Any, *_: Any) -> None:
         bar = self.train_progress_bar
+        if trainer.max_steps and trainer.max_steps > 0:
+            return  # one bar for the whole stage, across (virtual) epochs
         bar.reset(total=self._total(trainer))
-        bar.n = bar.initial = int(trainer.global_step) if trainer.max_steps and trainer.max_steps > 0 else 0
         bar.set_description(self._name(trainer.lightning_module))
-        bar.refresh()
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         bar = self.train_progress_bar
