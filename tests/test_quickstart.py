@@ -12,32 +12,36 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
 
-from vlm.recipe_report import stage_image_size
+from vlm.recipe_report import stage_resolution
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
 
 
-def recipe_image_sizes() -> list[tuple[str, list[int]]]:
-    """Each stage of the default recipe composed as `run_recipe` composes it: (name, encoder sizes in order)."""
+def recipe_resolutions() -> list[tuple[str, list[int], int]]:
+    """Each stage of the default recipe composed as `run_recipe` composes it: (name, encoder input sizes in order,
+    tiles per side)."""
     out = []
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        recipe = compose("train").recipe
-        for step in recipe.stages:
+        for step in compose("train").recipe.stages:
             cfg = compose("train", overrides=list(step.overrides))
-            config = OmegaConf.to_container(cfg, resolve=False)
-            config["data"] = {"resolution_schedule": OmegaConf.to_container(cfg.data).get("resolution_schedule")}
-            config["model"]["encoder"]["image_size"] = cfg.model.encoder.image_size
-            out.append((step.name, [int(s) for s in stage_image_size(config).split("->")]))
+            config = {"data": {"resolution_schedule": OmegaConf.to_container(cfg.data).get("resolution_schedule")},
+                      "model": {"encoder": {"image_size": cfg.model.encoder.image_size},
+                                "max_tiles": cfg.model.get("max_tiles", 1)}}
+            out.append((step.name, *stage_resolution(config)))
     return out
 
 
 def test_the_recipe_resolution_never_falls_and_rises():
-    stages = recipe_image_sizes()
-    sizes = [size for _, stage_sizes in stages for size in stage_sizes]
-    assert [name for name, _ in stages] == ["clip", "lm", "align", "sft"]
-    assert all(a <= b for a, b in zip(sizes, sizes[1:])), f"the image size falls: {stages}"
-    assert sizes[-1] > sizes[0], f"the image size never rises: {stages}"
+    """The encoder's input size never falls from stage to stage (nor within one); the resolution at which the
+    picture is seen (input size x tiles per side) rises at least once."""
+    stages = recipe_resolutions()
+    assert [name for name, *_ in stages] == ["clip", "lm", "align", "sft"]
+    inputs = [size for _, sizes, _ in stages for size in sizes]
+    assert all(a <= b for a, b in zip(inputs, inputs[1:])), f"the encoder's input size falls: {stages}"
+    seen = [size * side for _, sizes, side in stages for size in sizes]
+    assert all(a <= b for a, b in zip(seen, seen[1:])), f"the picture's resolution falls: {stages}"
+    assert seen[-1] > seen[0], f"the resolution never rises: {stages}"
 
 
 PREFIX = re.compile(r"^\d\d:\d\d:\d\d (?:(?:DEBUG|WARNING|ERROR|CRITICAL) )?")

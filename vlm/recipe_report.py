@@ -58,14 +58,28 @@ def _series(rows: Sequence[Mapping[str, str]], key: str) -> list[tuple[int, floa
     return out
 
 
-def stage_image_size(config: Mapping[str, Any]) -> str:
-    """The encoder's input size for a stage's config: `32`, or `16->32` under a within-stage schedule."""
+def stage_resolution(config: Mapping[str, Any]) -> tuple[list[int], int]:
+    """(the encoder's input sizes in order - one, or several under a within-stage schedule -, tiles per side).
+
+    A tiled model (`max_tiles` > 1) sees a picture as a grid of tiles of the encoder's size: 2x2 tiles of 32 px
+    resolve the picture at 64 px."""
     schedule = ((config.get("data") or {}).get("resolution_schedule")) or None
     if schedule:
         sizes = [int(size) for _, size in sorted((int(step), size) for step, size in dict(schedule).items())]
-        return "->".join(str(s) for s in dict.fromkeys(sizes))
-    size = ((config.get("model") or {}).get("encoder") or {}).get("image_size")
-    return str(size) if size is not None else "-"
+    else:
+        size = ((config.get("model") or {}).get("encoder") or {}).get("image_size")
+        sizes = [int(size)] if size is not None else []
+    side = max(1, math.isqrt(int((config.get("model") or {}).get("max_tiles") or 1)))
+    return list(dict.fromkeys(sizes)), side
+
+
+def stage_image_size(config: Mapping[str, Any]) -> str:
+    """`32`, `16->32` under a within-stage schedule, `2x2 tiles of 32` for a tiled model."""
+    sizes, side = stage_resolution(config)
+    if not sizes:
+        return "-"
+    text = "->".join(str(s) for s in sizes)
+    return f"{side}x{side} tiles of {text}" if side > 1 else text
 
 
 def stage_report(name: str, stage_dir: Path, seconds: float) -> StageReport:
