@@ -8,6 +8,7 @@ import runpy
 import sys
 from pathlib import Path
 
+import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
@@ -78,3 +79,18 @@ def test_first_run_output(tmp_path: Path, monkeypatch, capfd) -> None:
     assert str(run_dir / "metrics.json") in summary and "predictions.png" in summary
     with Image.open(run_dir / "curves.png") as curves:
         assert curves.size[0] > 400 and curves.size[1] > 200
+
+
+def test_threads_leave_a_core_per_data_worker(monkeypatch):
+    from vlm.threads import training_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert training_threads("auto", num_workers=1, cores=2) == 1  # the quickstart on 2 cores
+    assert training_threads("auto", num_workers=0, cores=2) == 2
+    assert training_threads("auto", num_workers=4, cores=2) == 1  # never below one
+    assert training_threads("auto", num_workers=1, cores=16, processes=2) == 7  # two DDP ranks share the cores
+    assert training_threads(3, num_workers=1, cores=2) == 3 and training_threads(None, 1, 2) is None
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert training_threads("auto", num_workers=1, cores=2) is None  # the user's setting wins
+    with pytest.raises(ValueError):
+        training_threads(0, num_workers=1, cores=2)

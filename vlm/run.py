@@ -51,6 +51,10 @@ def run_stage(cfg: DictConfig) -> Path:
     if rank0:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     ckpt_path = find_resume_checkpoint(cfg.get("resume"), run_dir / "checkpoints")
+    from vlm.threads import set_training_threads
+
+    set_training_threads(cfg.get("threads", "auto"), int(cfg.data.get("num_workers") or 0),
+                         cfg.trainer.get("accelerator"), cfg.trainer.get("devices", 1))
     L.seed_everything(cfg.seed, workers=True)
 
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
