@@ -91,7 +91,7 @@ def stage_report(name: str, stage_dir: Path, seconds: float) -> StageReport:
         config = yaml.safe_load(config_path.read_text()) or {}
         report.image_size = stage_image_size(config)
         if (config.get("stage") or {}).get("data_format") == "text":
-            report.image_size += " (text only)"
+            report.image_size = "(no images)"
     rows = read_metrics_csv(stage_dir / "logs" / "metrics.csv")
     report.train, report.val = _series(rows, TRAIN_KEY), _series(rows, VAL_KEY)
     steps = [int(float(r["step"])) for r in rows if r.get("step") not in (None, "")]
