@@ -10,9 +10,11 @@ from omegaconf import DictConfig, open_dict
 
 @hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    from vlm.console import tidy_console
     from vlm.hub import friendly_errors
     from vlm.run import run_evaluation
 
+    tidy_console()
     with open_dict(cfg):
         cfg.run_dir = cfg.run_dir or HydraConfig.get().runtime.output_dir
     with friendly_errors():

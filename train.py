@@ -16,14 +16,15 @@ from omegaconf import DictConfig, open_dict
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from vlm.callbacks import Preempted
+    from vlm.console import tidy_console
     from vlm.run import run_recipe, run_stage
 
-    from vlm.hub import friendly_errors, single_log_lines
+    from vlm.hub import friendly_errors
 
+    tidy_console()
     hydra_cfg = HydraConfig.get()
     with open_dict(cfg):
         cfg.run_dir = cfg.run_dir or hydra_cfg.runtime.output_dir
-    single_log_lines()
     try:
         with friendly_errors():  # a model that cannot be fetched: one short message (HYDRA_FULL_ERROR=1: traceback)
             if cfg.get("stage"):

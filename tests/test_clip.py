@@ -272,7 +272,7 @@ def test_recipe_init_encoder_and_evaluation_model(tmp_path: Path, monkeypatch: p
                                         f"model.encoder.init_from={cfg.model.encoder.init_from}"]
         return Path(cfg.run_dir) / "model"
 
-    def fake_evaluation(cfg):
+    def fake_evaluation(cfg, show=True):
         return {f"{cfg.task._target_.rsplit('.', 1)[-1]}/model_dir": str(cfg.model_dir)}
 
     monkeypatch.setattr(run, "run_stage", fake_stage)

@@ -130,7 +130,8 @@ def test_recipe_end_to_end(shapes: Path, tmp_path: Path) -> None:
     for name in ("clip", "lm", "align", "sft"):
         assert (tmp_path / name / "model" / "model.safetensors").exists()
     # the clip stage's vision tower went into the VLM (lm trains the decoder only): same weights, except the
-    # position table, resampled from the clip stage's 32 px grid to the tiles' 16 px one
+    # position table, resampled to the tiles' size when the clip stage ended at another (here its 16 px phase:
+    # three steps never reach the 32 px one); the resolution only rises
     from safetensors.torch import load_file
 
     clip = {k: v for k, v in load_file(tmp_path / "clip" / "model" / "model.safetensors").items()
@@ -139,7 +140,7 @@ def test_recipe_end_to_end(shapes: Path, tmp_path: Path) -> None:
     assert clip and all(k in vlm for k in clip)
     for key, value in clip.items():
         if key.endswith("pos_embed"):
-            assert vlm[key].shape[1] < value.shape[1]
+            assert vlm[key].shape[1] >= value.shape[1]
         else:
             torch.testing.assert_close(vlm[key], value, msg=lambda m, k=key: f"{k}: {m}")
     saved = json.loads((tmp_path / "metrics.json").read_text())

@@ -7,7 +7,6 @@ points print that message alone (`friendly_errors`), with the full traceback onl
 """
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -58,19 +57,6 @@ def named_model(name: str | os.PathLike | None, what: str, key: str) -> Iterator
         if name is None or Path(os.fspath(name)).expanduser().is_dir():
             raise
         raise ModelNotFoundError(not_found_message(os.fspath(name), what, key, exc)) from exc
-
-
-def single_log_lines() -> None:
-    """Lightning's loggers print through their own console handler *and* Hydra's root handler: every line came
-    twice. Once the root logger has handlers, Lightning's own are removed, so each line is printed once."""
-    if not logging.getLogger().handlers:
-        return
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logger = logging.getLogger(name)
-        for handler in list(logger.handlers):
-            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-                logger.removeHandler(handler)
-        logger.propagate = True
 
 
 @contextmanager

@@ -81,6 +81,10 @@ def train_stage(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Path
     if rank0:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     ckpt_path = find_resume_checkpoint(cfg.get("resume"), run_dir / "checkpoints")
+    from vlm.threads import set_training_threads
+
+    set_training_threads(cfg.get("threads", "auto"), int(cfg.data.get("num_workers") or 0),
+                         cfg.trainer.get("accelerator"), cfg.trainer.get("devices", 1))
     L.seed_everything(cfg.seed, workers=True)
 
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
@@ -153,8 +157,9 @@ def train_stage(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Path
     return model_dir
 
 
-def run_evaluation(cfg: DictConfig) -> dict[str, float]:
-    """Evaluate `cfg.model_dir` (or score `cfg.predictions`) on `cfg.task`; writes metrics.json and predictions."""
+def run_evaluation(cfg: DictConfig, show: bool = True) -> dict[str, float]:
+    """Evaluate `cfg.model_dir` (or score `cfg.predictions`) on `cfg.task`; writes metrics.json and predictions.
+    `show`: print the metrics (a recipe prints them once, in its summary)."""
     from hydra.utils import instantiate
 
     run_dir = Path(cfg.run_dir)
@@ -164,9 +169,11 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
                        device=cfg.get("device", "auto"), dtype=cfg.get("dtype", "auto"),
                        trust_remote_code=bool(cfg.get("trust_remote_code", False)))
     write_metrics(metrics, run_dir / "metrics.json")
-    print(format_metrics(metrics))
-    written = [name for name in ("metrics.json", "predictions.jsonl", "predictions.png") if (run_dir / name).exists()]
-    print(f"wrote {', '.join(written)} to {run_dir.resolve()}")
+    if show:
+        print(format_metrics(metrics))
+        written = [name for name in ("metrics.json", "predictions.jsonl", "predictions.png")
+                   if (run_dir / name).exists()]
+        print(f"wrote {', '.join(written)} to {run_dir.resolve()}")
     return metrics
 
 
@@ -181,12 +188,16 @@ def run_recipe(cfg: DictConfig, user_overrides: Sequence[str] = ()) -> dict[str,
     model), `encoder` (`model.encoder.init_from=`: only the vision tower, e.g. a clip run's, the rest built from
     the config) or `none`. An evaluation's `model` names the stage whose directory it evaluates (default: the last).
     """
+    import time
+
     from hydra import compose
 
+    started = time.monotonic()
     root = Path(cfg.run_dir)
     previous = cfg.get("init_from")  # where the first step starts from; each step then names its own
     user_overrides = [o for o in user_overrides if not o.lstrip("+~").startswith(("init_from=", "run_dir="))]
     stage_dirs: dict[str, str] = {}
+    stage_seconds: dict[str, float] = {}
     for step in cfg.recipe.stages:
         init = step.get("init") or "model"
         if init not in INIT_OVERRIDES:
@@ -195,8 +206,10 @@ def run_recipe(cfg: DictConfig, user_overrides: Sequence[str] = ()) -> dict[str,
         if previous and INIT_OVERRIDES[init]:
             overrides.append(f"{INIT_OVERRIDES[init]}={previous}")
         log.info("recipe %s: stage %s with %s", cfg.recipe.name, step.name, overrides)
+        stage_started = time.monotonic()
         previous = str(run_stage(compose("train", overrides=overrides), overrides))
         stage_dirs[step.name] = previous
+        stage_seconds[step.name] = time.monotonic() - stage_started
 
     from lightning.pytorch.utilities import rank_zero_only
 
@@ -211,11 +224,15 @@ def run_recipe(cfg: DictConfig, user_overrides: Sequence[str] = ()) -> dict[str,
         model_dir = stage_dirs[source] if source else previous
         overrides = [*ev.overrides, *path_overrides, *cfg.get("eval_overrides", []),
                      f"model_dir={model_dir}", f"run_dir={root / 'eval' / ev.name}"]
-        metrics.update(run_evaluation(compose("evaluate", overrides=overrides)))
+        eval_started = time.monotonic()
+        metrics.update(run_evaluation(compose("evaluate", overrides=overrides), show=False))
+        stage_seconds[f"eval/{ev.name}"] = time.monotonic() - eval_started
     write_metrics(metrics, root / "metrics.json")
     (root / "stages.json").write_text(json.dumps(stage_dirs, indent=2))
-    print(f"\nrecipe {cfg.recipe.name} finished; model: {previous}\nmetrics: {root / 'metrics.json'}")
-    print(format_metrics(metrics))
+    from vlm.recipe_report import write_recipe_report
+
+    summary = write_recipe_report(root, stage_seconds, metrics, total_seconds=time.monotonic() - started)
+    print(f"\nrecipe {cfg.recipe.name} finished; model: {previous}\n\n{summary}")
     return metrics
 
 
@@ -231,5 +248,7 @@ def format_metrics(metrics: dict[str, float]) -> str:
         return "(no metrics)"
     width = max(len(k) for k in metrics)
     lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
-    lines += [f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in sorted(metrics.items())]
+    from vlm.recipe_report import format_value
+
+    lines += [f"{k:<{width}}  {format_value(k, v)}" for k, v in sorted(metrics.items())]
     return "\n".join(lines)

@@ -310,7 +310,9 @@ class DataModule(L.LightningDataModule):
 
     def teardown(self, stage: str) -> None:
         if stage == "fit" and (self.trainer is None or self.trainer.is_global_zero):
-            log.info("data: %d training batches served (epoch %d); skipped samples: %s", self.progress.served,
+            name = getattr(getattr(self.trainer, "lightning_module", None), "stage_name", None)
+            log.info("%sdata: %d training batches served (epoch %d); skipped samples: %s",
+                     f"[{name}] " if name else "", self.progress.served,
                      max(self.progress.epoch, 0), self.skipped() or "none")
 
     def skipped(self, split: str | None = None) -> dict[str, int]:

@@ -124,6 +124,11 @@ class Stage(L.LightningModule):
         counts = format_parameter_counts(parameter_counts(self.model))
         rank_zero_info(f"[{self.stage_name}] trains {self.trainable}\n{counts}")
         rank_zero_info(f"[{self.stage_name}] {effective_batch_report(self.trainer)}")
+        size = getattr(getattr(self.model, "encoder", None), "image_size", None)
+        if size is not None:
+            schedule = getattr(getattr(self.trainer, "datamodule", None), "resolution_schedule", None)
+            rank_zero_info(f"[{self.stage_name}] image size: {size} px (the encoder's input)"
+                           + (f"; by optimizer step: {dict(schedule)}" if schedule else ""))
 
     # ---- scale-out ------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
