@@ -8,7 +8,8 @@ Only then are samples decoded, converted and tokenised, so a raw position in tha
 The worker builds whole batches. Batch b of a rank comes from physical worker b % W as its (b // W)-th batch
 (torch's round robin), so the worker knows b, and with it the image size the resolution schedule gives b. Every
 batch carries `batch["stream"] = {"worker", "epoch", "position", "index", "image_size"}`: the logical stream it
-came from and the raw position just after its last sample.
+came from and the raw position just after its last sample (packed: a cursor into the packing buffer's chunk,
+`vlm.data.packing`).
 
 `StreamProgress` (main process) records the batches served to training; `StreamLoader.__iter__` hands the workers,
 through shared memory, where to start: epoch, first batch index, and per logical stream the raw position to
@@ -299,6 +300,7 @@ class StreamDataset(IterableDataset):
         schedule: ResolutionSchedule | None = None,
         rank: int = 0,
         world_size: int = 1,
+        packer: Any = None,
     ):
         super().__init__()
         self.sources = list(sources)
@@ -316,6 +318,7 @@ class StreamDataset(IterableDataset):
         self.shardshuffle = bool(shardshuffle)
         self.schedule = schedule
         self.rank, self.world_size = int(rank), int(world_size)
+        self.packer = packer if train else None  # `vlm.data.packing.Packer`: packed rows; positions are cursors
 
     # ------------------------------------------------------------ raw streams
 
@@ -355,16 +358,17 @@ class StreamDataset(IterableDataset):
     # ------------------------------------------------------------ batches
 
     def _samples(self, raw: Iterator[tuple[int, tuple[int, dict]]], processor: Any,
-                 handler: Callable[[Exception], bool]) -> tuple[list[Any], int | None]:
-        """The next batch's processed samples (the first `batch_size` raw samples that process without a data
-        error) and the raw position of the last raw sample read (None: the stream had nothing left).
+                 handler: Callable[[Exception], bool], count: int | None = None) -> tuple[list[Any], int | None]:
+        """The next batch's processed samples (the first `count` (default `batch_size`) raw samples that process
+        without a data error) and the raw position of the last raw sample read (None: the stream had nothing left).
 
         In two phases (`SampleFn.prepare`, then the processors' `finish` for all of them in a row), refilled while
         the second phase drops samples, so the samples, skips and position are those of processing one by one.
         """
         samples: list[Any] = []
         position = None
-        while len(samples) < self.batch_size:
+        count = self.batch_size if count is None else count
+        while len(samples) < count:
             pending: list[tuple[Any, Any]] = []
             for position, (source, sample) in raw:
                 try:
@@ -372,7 +376,7 @@ class StreamDataset(IterableDataset):
                 except Exception as exc:  # counted per reason, never fatal
                     handler(exc)
                     continue
-                if len(samples) + len(pending) == self.batch_size:
+                if len(samples) + len(pending) == count:
                     break
             if not pending:
                 break
@@ -403,6 +407,10 @@ class StreamDataset(IterableDataset):
         if self.train and state["remaining"] >= 0:
             quota = max(0, math.ceil((state["remaining"] - worker) / workers))
         fixed_size = state["image_size"] or None
+        if self.packer is not None:
+            yield from self.packer.batches(self, epoch, stream, workers, worker, salt, base, start, quota,
+                                           in_worker=info is not None)
+            return
 
         raw = enumerate(self.raw_stream(epoch, stream, workers, salt))
         if start:

@@ -56,12 +56,15 @@ class GenerativeStage(Stage):
             attention_mask=batch["attention_mask"],
             pixel_values=batch.get("pixel_values"),
             labels=batch["labels"],
+            position_ids=batch.get("position_ids"),
+            packed="position_ids" in batch,
         )
 
     def loss(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        """The next-token loss over the batch's labelled tokens (logits computed only where they count)."""
+        """The next-token loss over the batch's labelled tokens (logits computed only where they count); a packed
+        batch (`vlm.data.packing`) carries position ids that restart at every sample."""
         return self.model.next_token_loss(batch["input_ids"], batch["labels"], batch["attention_mask"],
-                                          batch.get("pixel_values"))
+                                          batch.get("pixel_values"), batch.get("position_ids"))
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
