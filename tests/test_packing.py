@@ -297,3 +297,113 @@ def test_packing_needs_a_token_processor() -> None:
 
     with pytest.raises(ValueError, match="next-token stages"):
         packing_for(object(), None, 16)
+
+
+# ---------------------------------------------------------------- a packed sft stage, resumed
+
+
+def _rows(run_dir: Path) -> dict[tuple[int, str], float]:
+    import csv
+
+    rows = {}
+    with open(run_dir / "logs" / "metrics.csv", newline="") as handle:
+        for row in csv.DictReader(handle):
+            rows.update({(int(row["step"]), k): float(v) for k, v in row.items() if v and k != "step"})
+    return rows
+
+
+def test_packed_sft_stage_logs_tokens_and_resumes_exactly(shapes, tmp_path, caplog) -> None:
+    """`data.packing=true` through the stage runner with gradient accumulation: the accounting is logged and
+    printed at the end; resumed from a checkpoint, the weights and the logged curves match the uninterrupted run."""
+    import logging
+    import sys
+
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
+    from resume_run import compose_config
+
+    from vlm.run import run_stage
+
+    run = ["stage=sft", "trainer.max_steps=4", "trainer.accumulate_grad_batches=2", "data.packing=true",
+           "data.pack_length=160", "data.pack_buffer=16", "data.batch_size=2", "callbacks.checkpoint.every_n_steps=2",
+           "data.prepare.num_train=120", "data.prepare.num_val=10", "data.prepare.num_test=10",
+           "data.prepare.samples_per_shard=20"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with caplog.at_level(logging.INFO):
+            run_stage(compose_config(shapes.parent, [*run, f"run_dir={tmp_path / 'full'}"]))
+        run_stage(compose_config(shapes.parent, [*run, f"run_dir={tmp_path / 'resumed'}",
+                                                 f"resume={tmp_path / 'full' / 'checkpoints' / 'step-00000002.ckpt'}"]))
+    finally:
+        torch.set_num_threads(threads)
+    assert "samples isolated by a block-diagonal additive 4D mask" in caplog.text
+    line = next(r.getMessage() for r in caplog.records if "[sft] tokens:" in r.getMessage())
+    full, resumed = _rows(tmp_path / "full"), _rows(tmp_path / "resumed")
+    tokens = sorted((s, v) for (s, k), v in full.items() if k == "train/tokens")
+    assert [s for s, _ in tokens] == [0, 1, 2, 3] and all(b > a > 0 for (_, a), (_, b) in zip(tokens, tokens[1:]))
+    assert f"{tokens[-1][1]:,.0f} real" in line
+    shares = [v for (s, k), v in full.items() if k == "train/padding_share"]
+    assert all(0 <= v < 0.2 for v in shares) and any(k == "train/tokens_per_s" for _, k in full)
+    for key in [k for k in full if k[0] >= 2 and k[1] in ("train/loss", "train/tokens", "train/padding_share")]:
+        assert resumed[key] == pytest.approx(full[key], rel=1e-5), key
+    expected, got = (load_file(tmp_path / d / "model" / "model.safetensors") for d in ("full", "resumed"))
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def test_nonfinite_guard_names_every_sample_of_a_packed_batch() -> None:
+    import lightning as L
+
+    from vlm.stages.base import NonFiniteLossError
+    from vlm.stages.generative import GenerativeStage
+
+    model = tiny_model()
+    samples = mixed_samples(model)
+    samples[5]["pixel_values"][0, 0, 0, 0] = float("nan")
+    batch = PackedCollator(1)(packed_rows(samples, 96))
+    stage = GenerativeStage(model, ["projector"], {"lr": 1e-3, "warmup_steps": 0})
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(NonFiniteLossError) as error:
+        trainer.fit(stage, train_dataloaders=torch.utils.data.DataLoader([batch], batch_size=None))
+    assert all(s["key"] in str(error.value) for s in samples)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])  # resumed before, at and after the switch to the larger image size
+def test_packed_stream_follows_a_resolution_schedule_and_resumes_across_it(shapes, processor, k: int,
+                                                                             caplog) -> None:
+    from vlm.data.datamodule import DataModule
+    from vlm.data.tokens import IMAGE_TOKEN
+
+    kwargs = dict(format="conversation", batch_size=2, num_workers=0, shuffle_buffer=10, seed=4, packing=True,
+                  pack_length=200, pack_buffer=20, resolution_schedule={0: 16, 2: 32})
+
+    def module():
+        dm = DataModule(processor, _train_urls(shapes), **kwargs)
+        dm.processors.tokens[32] = 16  # tokens per tile at 32 px (the model would say; none is needed here)
+        return dm
+
+    image = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    dm = module()
+    stream = iter(dm.train_dataloader())
+    reference = [next(stream) for _ in range(6)]
+    for index, batch in enumerate(reference):
+        size = 16 if index < 2 else 32
+        assert batch["stream"]["image_size"] == size and batch["pixel_values"].shape[-1] == size
+        tiles = batch["pixel_values"].shape[0]
+        assert int((batch["input_ids"] == image).sum()) == tiles * (4 if size == 16 else 16)
+    assert "image size 16 -> 32" in caplog.text  # the rest of the 16 px chunk was dropped at the switch
+
+    first = module()
+    stream = iter(first.train_dataloader())
+    for _ in range(k):
+        first.record_batch(next(stream))
+    resumed = module()
+    resumed.load_state_dict(first.state_dict())
+    stream = iter(resumed.train_dataloader())
+    for expected in reference[k:]:
+        got = next(stream)
+        assert got["keys"] == expected["keys"] and torch.equal(got["input_ids"], expected["input_ids"])
+        assert torch.equal(got["pixel_values"], expected["pixel_values"])
