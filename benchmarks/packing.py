@@ -42,19 +42,22 @@ PAD = 0
 
 
 def build_model(hidden: int, layers: int, max_length: int):
-    from vlm.models.vlm import VisionLanguageModel, build_projector
-    from vlm.models.decoders import build_decoder
-    from vlm.models.encoders.timm_vit import TimmEncoder
+    from vlm.models.vlm import VisionLanguageModel
 
     torch.manual_seed(0)
-    encoder = TimmEncoder("vit_tiny_patch16_224", image_size=32, patch_size=4, embed_dim=96, depth=2, num_heads=3)
-    decoder = build_decoder(pretrained=False, config={
-        "model_type": "llama", "hidden_size": hidden, "intermediate_size": 4 * hidden, "num_hidden_layers": layers,
-        "num_attention_heads": max(1, hidden // 64), "num_key_value_heads": max(1, hidden // 64),
-        "max_position_embeddings": max_length, "vocab_size": VOCAB})
-    projector = build_projector({"_target_": "vlm.models.projectors.MLPProjector", "_partial_": True},
-                                encoder.hidden_size, hidden)
-    return VisionLanguageModel(encoder, projector, decoder, IMAGE_TOKEN, "causal").train()
+    heads = max(1, hidden // 64)
+    model = VisionLanguageModel.from_config({
+        "encoder": {"_target_": "vlm.models.encoders.timm_vit.TimmEncoder", "model_name": "vit_tiny_patch16_224",
+                    "image_size": 32, "patch_size": 4, "embed_dim": 96, "depth": 2, "num_heads": 3},
+        "projector": {"_target_": "vlm.models.projectors.MLPProjector", "_partial_": True},
+        "decoder": {"_target_": "vlm.models.decoders.build_decoder", "pretrained": False, "config": {
+            "model_type": "llama", "hidden_size": hidden, "intermediate_size": 4 * hidden, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": heads, "max_position_embeddings": max_length,
+            "vocab_size": VOCAB}},
+        "attention": "causal",
+    })
+    model.image_token_id = IMAGE_TOKEN
+    return model.train()
 
 
 def llava_like(count: int, tokens_per_image: int, max_length: int, seed: int = 0) -> list[dict]:
