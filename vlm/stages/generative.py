@@ -89,6 +89,7 @@ class GenerativeStage(Stage):
 
     def on_train_end(self) -> None:
         """The end-of-stage accounting line (a collective under DDP/FSDP, so every rank computes it)."""
+        super().on_train_end()
         line = self.accounting.summary(self.trainer.strategy)
         rank_zero_info(f"[{self.stage_name}] {line}")
 
