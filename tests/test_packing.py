@@ -17,6 +17,20 @@ from vlm.models.vlm import VisionLanguageModel
 VOCAB = 40
 
 
+@pytest.fixture
+def logs(caplog, monkeypatch):
+    """caplog at INFO, with our loggers switched back on: a logging config applied by an earlier test in the same
+    process (Hydra's, Lightning's) may have disabled loggers that existed then."""
+    import logging
+
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if name.startswith(("vlm", "lightning")) and isinstance(logger, logging.Logger):
+            monkeypatch.setattr(logger, "disabled", False)
+            monkeypatch.setattr(logger, "propagate", True)
+    caplog.set_level(logging.INFO)
+    return caplog
+
+
 def tiny_model(attention_kind: str = "causal", implementation: str = "sdpa", lora: bool = False):
     """A 2-layer Llama behind a tiny ViT (16 px, 4 px patches: 16 tokens per image), fp32; ids 3..39 are text."""
     from tokenizers import Tokenizer, models
@@ -312,10 +326,9 @@ def _rows(run_dir: Path) -> dict[tuple[int, str], float]:
     return rows
 
 
-def test_packed_sft_stage_logs_tokens_and_resumes_exactly(shapes, tmp_path, caplog) -> None:
+def test_packed_sft_stage_logs_tokens_and_resumes_exactly(shapes, tmp_path, logs) -> None:
     """`data.packing=true` through the stage runner with gradient accumulation: the accounting is logged and
     printed at the end; resumed from a checkpoint, the weights and the logged curves match the uninterrupted run."""
-    import logging
     import sys
 
     from safetensors.torch import load_file
@@ -332,14 +345,13 @@ def test_packed_sft_stage_logs_tokens_and_resumes_exactly(shapes, tmp_path, capl
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with caplog.at_level(logging.INFO):
-            run_stage(compose_config(shapes.parent, [*run, f"run_dir={tmp_path / 'full'}"]))
+        run_stage(compose_config(shapes.parent, [*run, f"run_dir={tmp_path / 'full'}"]))
         run_stage(compose_config(shapes.parent, [*run, f"run_dir={tmp_path / 'resumed'}",
                                                  f"resume={tmp_path / 'full' / 'checkpoints' / 'step-00000002.ckpt'}"]))
     finally:
         torch.set_num_threads(threads)
-    assert "samples isolated by a block-diagonal additive 4D mask" in caplog.text
-    line = next(r.getMessage() for r in caplog.records if "[sft] tokens:" in r.getMessage())
+    assert "samples isolated by a block-diagonal additive 4D mask" in logs.text
+    line = next(r.getMessage() for r in logs.records if "[sft] tokens:" in r.getMessage())
     full, resumed = _rows(tmp_path / "full"), _rows(tmp_path / "resumed")
     tokens = sorted((s, v) for (s, k), v in full.items() if k == "train/tokens")
     assert [s for s, _ in tokens] == [0, 1, 2, 3] and all(b > a > 0 for (_, a), (_, b) in zip(tokens, tokens[1:]))
@@ -373,7 +385,7 @@ def test_nonfinite_guard_names_every_sample_of_a_packed_batch() -> None:
 
 @pytest.mark.parametrize("k", [1, 2, 3])  # resumed before, at and after the switch to the larger image size
 def test_packed_stream_follows_a_resolution_schedule_and_resumes_across_it(shapes, processor, k: int,
-                                                                             caplog) -> None:
+                                                                             logs) -> None:
     from vlm.data.datamodule import DataModule
     from vlm.data.tokens import IMAGE_TOKEN
 
@@ -394,7 +406,7 @@ def test_packed_stream_follows_a_resolution_schedule_and_resumes_across_it(shape
         assert batch["stream"]["image_size"] == size and batch["pixel_values"].shape[-1] == size
         tiles = batch["pixel_values"].shape[0]
         assert int((batch["input_ids"] == image).sum()) == tiles * (4 if size == 16 else 16)
-    assert "image size 16 -> 32" in caplog.text  # the rest of the 16 px chunk was dropped at the switch
+    assert "image size 16 -> 32" in logs.text  # the rest of the 16 px chunk was dropped at the switch
 
     first = module()
     stream = iter(first.train_dataloader())
