@@ -131,7 +131,8 @@ def test_killed_twice_and_preempted_run_resumes_to_the_uninterrupted_result(shap
     losses = sorted(k for k in expected_rows if k[1] == "train/loss")
     assert [s for s, _ in losses] == list(range(STEPS))
     for key, value in expected_rows.items():
-        assert got_rows[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+        if key[1] != "train/tokens_per_s":  # a wall-clock rate
+            assert got_rows[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
 
     # a stage checkpoint alone (plus the run's config.yaml for the base) gives the model directory back
     from vlm.checkpointing import main as checkpoint_to_model

@@ -20,6 +20,7 @@ import torch
 
 from vlm.data.collate import Collator
 from vlm.data.formats import FORMATS
+from vlm.data.packing import packing_for
 from vlm.data.pipeline import (
     DEFAULT_MAX_CONSECUTIVE_SKIPS, SampleFn, SkipCounter, Source, check_format, dist_info, expand_shards,
 )
@@ -53,6 +54,9 @@ class DataModule(L.LightningDataModule):
     resolution_schedule: `{step: image_size}` within the stage, e.g. `{0: 224, 1000: 336}` (optimizer steps).
     val_batches: cap on validation batches (the same first batches every time); None = the whole val set.
     caption_field: json field that holds the caption when a sample has no `txt` (img2dataset: "caption").
+    packing: training rows of several whole samples, best-fit into `pack_length` tokens (default: the processor's
+    `max_length`; samples longer go through its too-long policy) over a buffer of `pack_buffer` samples;
+    `batch_size` then counts rows (`vlm.data.packing`). Validation stays unpacked.
     prepare: the config's data preparation node; accepted and ignored (the runner calls it before this).
     max_consecutive_skips: a stream (train or val, per worker) that skips this many samples in a row stops the run
     with `NoUsableSamples`, naming the reasons with counts; null = never. The first samples of each source are also
@@ -83,10 +87,16 @@ class DataModule(L.LightningDataModule):
         allow_missing_shards: bool = False,
         log_every_n_steps: int | None = None,
         max_consecutive_skips: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS,
+        packing: bool = False,
+        pack_length: int | None = None,
+        pack_buffer: int = 512,
     ):
         super().__init__()
         if format not in FORMATS:
             raise ValueError(f"unknown data format {format!r}; expected one of {FORMATS}")
+        self.packer = None
+        if packing:
+            processor, self.packer = packing_for(processor, pack_length, pack_buffer)
         self.processor = processor
         self.format = format
         self.caption_prompts = list(caption_prompts) if caption_prompts else None
@@ -245,7 +255,7 @@ class DataModule(L.LightningDataModule):
             StreamState(self.num_workers), self.batch_size, self.num_workers, train=True,
             resampled=self.resampled, seed=self.seed, shuffle_buffer=self.shuffle_buffer,
             shardshuffle=self.shardshuffle, schedule=self.schedule, rank=rank, world_size=world,
-            max_consecutive_skips=self.max_consecutive_skips,
+            max_consecutive_skips=self.max_consecutive_skips, packer=self.packer,
         )
         return StreamLoader(dataset, progress=self.progress, **self._loader_args(self.num_workers))
 
@@ -328,9 +338,12 @@ class DataModule(L.LightningDataModule):
     # ------------------------------------------------------------ checkpoint state
 
     def _signature(self, world: int) -> dict[str, Any]:
-        return {"num_workers": self.num_workers, "world_size": world, "batch_size": self.batch_size,
-                "seed": self.seed, "resampled": self.resampled, "batches_per_epoch": self.batches_per_epoch,
-                "sources": [[s.name, s.weight, len(s.urls)] for s in self.sources]}
+        signature = {"num_workers": self.num_workers, "world_size": world, "batch_size": self.batch_size,
+                     "seed": self.seed, "resampled": self.resampled, "batches_per_epoch": self.batches_per_epoch,
+                     "sources": [[s.name, s.weight, len(s.urls)] for s in self.sources]}
+        if self.packer is not None:  # a packed stream's positions are cursors: only as exact as the same packing
+            signature["packing"] = self.packer.signature()
+        return signature
 
     def state_dict(self) -> dict[str, Any]:
         """Batches served and, per rank and worker stream, the raw position reached (saved in checkpoints)."""
@@ -353,7 +366,8 @@ class DataModule(L.LightningDataModule):
         if state is None:
             return
         expected = self._signature(world)
-        diffs = {k: (state.get(k), v) for k, v in expected.items() if _plain(state.get(k)) != _plain(v)}
+        keys = [*expected, *(["packing"] if "packing" not in expected else [])]  # packed on one side only
+        diffs = {k: (state.get(k), expected.get(k)) for k in keys if _plain(state.get(k)) != _plain(expected.get(k))}
         rows = state.get("positions_by_rank") or []
         positions = rows[rank] if rank < len(rows) else None
         exact = not diffs and positions is not None

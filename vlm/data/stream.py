@@ -8,7 +8,8 @@ Only then are samples decoded, converted and tokenised, so a raw position in tha
 The worker builds whole batches. Batch b of a rank comes from physical worker b % W as its (b // W)-th batch
 (torch's round robin), so the worker knows b, and with it the image size the resolution schedule gives b. Every
 batch carries `batch["stream"] = {"worker", "epoch", "position", "index", "image_size"}`: the logical stream it
-came from and the raw position just after its last sample.
+came from and the raw position just after its last sample (packed: a cursor into the packing buffer's chunk,
+`vlm.data.packing`).
 
 `StreamProgress` (main process) records the batches served to training; `StreamLoader.__iter__` hands the workers,
 through shared memory, where to start: epoch, first batch index, and per logical stream the raw position to
@@ -301,6 +302,7 @@ class StreamDataset(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         max_consecutive_skips: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS,
+        packer: Any = None,
     ):
         super().__init__()
         self.max_consecutive_skips = max_consecutive_skips
@@ -319,6 +321,7 @@ class StreamDataset(IterableDataset):
         self.shardshuffle = bool(shardshuffle)
         self.schedule = schedule
         self.rank, self.world_size = int(rank), int(world_size)
+        self.packer = packer if train else None  # `vlm.data.packing.Packer`: packed rows; positions are cursors
 
     # ------------------------------------------------------------ raw streams
 
@@ -364,9 +367,9 @@ class StreamDataset(IterableDataset):
     # ------------------------------------------------------------ batches
 
     def _samples(self, raw: Iterator[tuple[int, tuple[int, dict]]], processor: Any,
-                 handler: Callable[[Exception], bool]) -> tuple[list[Any], int | None]:
-        """The next batch's processed samples (the first `batch_size` raw samples that process without a data
-        error) and the raw position of the last raw sample read (None: the stream had nothing left).
+                 handler: Callable[[Exception], bool], count: int | None = None) -> tuple[list[Any], int | None]:
+        """The next batch's processed samples (the first `count` (default `batch_size`) raw samples that process
+        without a data error) and the raw position of the last raw sample read (None: the stream had nothing left).
 
         In two phases (`SampleFn.prepare`, then the processors' `finish` for all of them in a row), refilled while
         the second phase drops samples, so the samples, skips and position are those of processing one by one.
@@ -374,7 +377,8 @@ class StreamDataset(IterableDataset):
         samples: list[Any] = []
         position = None
         run = getattr(handler, "run", None)
-        while len(samples) < self.batch_size:
+        count = self.batch_size if count is None else count
+        while len(samples) < count:
             pending: list[tuple[Any, Any]] = []
             for position, (source, sample) in raw:
                 try:
@@ -386,7 +390,7 @@ class StreamDataset(IterableDataset):
                     continue
                 if run is not None:
                     run.pending = len(pending)
-                if len(samples) + len(pending) == self.batch_size:
+                if len(samples) + len(pending) == count:
                     break
             if run is not None:
                 run.pending = 0
@@ -413,6 +417,21 @@ class StreamDataset(IterableDataset):
                     raise run.error()
         return samples, position
 
+    def open_raw(self, epoch: int, stream: int, workers: int, salt: int, start: int
+                 ) -> tuple[Iterator[tuple[int, tuple[int, dict]]], Callable[[Exception], bool]]:
+        """(numbered raw samples from `start` on, the skip handler) of one logical stream; the handler's run of
+        consecutive skips stops a stream that yields nothing (`SkipRun`)."""
+        what = "training data" if self.train else "validation data"
+        run = SkipRun(self.max_consecutive_skips, what, self.sample_fns[0].caption_field if self.sample_fns else "")
+        raw = enumerate(self.raw_stream(epoch, stream, workers, salt, run))
+        if start:  # fast-forward over raw bytes: nothing is decoded
+            run.pending = 1  # the skips passed over were counted by the interrupted run: they stop nothing now
+            for _ in itertools.islice(raw, start):
+                pass
+            run.pending = 0
+            run.used()
+        return raw, self.counter.handler("processing_error", run)
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
@@ -428,17 +447,12 @@ class StreamDataset(IterableDataset):
         if self.train and state["remaining"] >= 0:
             quota = max(0, math.ceil((state["remaining"] - worker) / workers))
         fixed_size = state["image_size"] or None
+        if self.packer is not None:
+            yield from self.packer.batches(self, epoch, stream, workers, worker, salt, base, start, quota,
+                                           in_worker=info is not None)
+            return
 
-        what = "training data" if self.train else "validation data"
-        run = SkipRun(self.max_consecutive_skips, what, self.sample_fns[0].caption_field if self.sample_fns else "")
-        raw = enumerate(self.raw_stream(epoch, stream, workers, salt, run))
-        if start:  # fast-forward over raw bytes: nothing is decoded
-            run.pending = 1  # the skips passed over were counted by the interrupted run: they stop nothing now
-            for _ in itertools.islice(raw, start):
-                pass
-            run.pending = 0
-            run.used()
-        handler = self.counter.handler("processing_error", run)
+        raw, handler = self.open_raw(epoch, stream, workers, salt, start)
         for j in itertools.count():
             if quota is not None and j >= quota:
                 return

@@ -8,6 +8,7 @@ export work on it as on any LM. `attention="prefix"` lets the tokens of one imag
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlm.models.attention import (
+    VARLEN, additive_mask, allowed_pairs, attn_implementation, flatten_packed, segment_ids, varlen_kwargs,
+)
+from vlm.models.attention import isolation as decoder_isolation
 from vlm.models.decoders import decoder_export_config
 from vlm.models.encoders.base import WEIGHTS_NAME, VisionEncoder
 from vlm.models.directory import plain as _plain, write_model_directory
 from vlm.models.registry import build, build_part, check_file
+
+log = logging.getLogger(__name__)
 
 IMAGE_TOKEN = "<image>"  # the placeholder of the tokens contract (vlm/data/tokens.py)
 CONFIG_NAME = "vlm.yaml"
@@ -49,6 +56,7 @@ class VisionLanguageModel(nn.Module):
         self.image_token_id = int(image_token_id)
         self.attention = attention
         self._masked_logits: bool | None = None  # does the decoder take a boolean `logits_to_keep`? (checked once)
+        self._isolation_logged: str | None = None  # the packed-row isolation path last logged
         self.config: dict[str, Any] = {**dict(config or {}), "attention": attention}
 
     # ---- building -------------------------------------------------------------------------------------------
@@ -109,29 +117,37 @@ class VisionLanguageModel(nn.Module):
         return embeds.masked_scatter(slots.unsqueeze(-1), features.to(embeds.dtype))
 
     def attention_bias(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, dtype: torch.dtype | None = None
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, dtype: torch.dtype | None = None,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`causal`: the 2D padding mask as is. `prefix`: an additive float (B, 1, L, L) mask in `dtype` (default:
-        the embedding weights'; `forward` passes its embeddings' dtype, which is the compute dtype under FSDP).
+        """`causal`: the 2D padding mask as is. `prefix`, or packed rows (`segments`, the (B, L) sample numbers of
+        `vlm.models.attention.segment_ids`): an additive float (B, 1, L, L) mask in `dtype` (default: the embedding
+        weights'; `forward` passes its embeddings' dtype, which is the compute dtype under FSDP).
 
         Prefix: position i sees j if j <= i, or if both lie in the same contiguous run of `<image>` tokens; padded
-        columns are blocked. A boolean 4D mask would be read as +1/0 by eager attention (no masking), hence floats.
+        columns are blocked. Packed: only inside the sample. A boolean 4D mask would be read as +1/0 by eager
+        attention (no masking), hence floats.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        if self.attention == "causal":
+        if self.attention == "causal" and segments is None:
             return attention_mask
-        batch, length = input_ids.shape
-        pos = torch.arange(length, device=input_ids.device)
-        allowed = (pos[None, :, None] >= pos[None, None, :]).expand(batch, length, length)
-        image = input_ids == self.image_token_id
-        starts = image & ~F.pad(image, (1, 0))[:, :-1]
-        run = starts.cumsum(-1)
-        same_run = image[:, :, None] & image[:, None, :] & (run[:, :, None] == run[:, None, :])
-        allowed = (allowed | same_run) & attention_mask.bool()[:, None, :]
-        dtype = dtype or self.decoder.get_input_embeddings().weight.dtype
-        bias = torch.zeros(batch, 1, length, length, dtype=dtype, device=input_ids.device)
-        return bias.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+        allowed = allowed_pairs(input_ids, attention_mask, self.image_token_id, self.attention == "prefix", segments)
+        return additive_mask(allowed, dtype or self.decoder.get_input_embeddings().weight.dtype)
+
+    def isolation(self) -> str:
+        """How packed rows keep samples apart on this decoder: `mask` or `varlen` (`vlm.models.attention`)."""
+        path = decoder_isolation(self.decoder)
+        if path == VARLEN and self.attention == "prefix":
+            raise ValueError("packed rows under flash attention take the varlen path, which is causal only: prefix "
+                             "attention needs attn_implementation sdpa or eager (a 4D mask)")
+        if self._isolation_logged != path:
+            self._isolation_logged = path
+            log.info("packed rows: samples isolated by %s (decoder attention %r)",
+                     "a padding-free varlen flash-attention call from the position ids, no mask" if path == VARLEN
+                     else f"a block-diagonal additive 4D mask ({self.attention} inside each sample)",
+                     attn_implementation(self.decoder))
+        return path
 
     def forward(
         self,
@@ -140,17 +156,38 @@ class VisionLanguageModel(nn.Module):
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        packed: bool = False,
         **decoder_kwargs: Any,
     ):
         """-> the decoder's `CausalLMOutputWithPast` (loss when `labels` are given; -100 is ignored).
 
-        No KV cache is built unless `use_cache=True` is passed (training needs none).
+        `packed`: rows of several samples, each starting at position 0 (`position_ids`, required): attention stays
+        inside each sample (`isolation`). On the `varlen` path the outputs are one padding-free row of the real
+        tokens, row after row. No KV cache is built unless `use_cache=True` is passed (training needs none).
         """
         decoder_kwargs.setdefault("use_cache", False)
+        segments = None
+        if packed:
+            if position_ids is None:
+                raise ValueError("packed rows need their position_ids (0 at the start of every sample)")
+            if self.isolation() == VARLEN:
+                if attention_mask is not None:
+                    keep = decoder_kwargs.get("logits_to_keep")
+                    if isinstance(keep, torch.Tensor) and keep.dim() == 2:
+                        decoder_kwargs["logits_to_keep"] = flatten_packed(attention_mask, keep)[0]
+                    extra = [labels] if labels is not None else []
+                    input_ids, position_ids, *extra = flatten_packed(attention_mask, input_ids, position_ids, *extra)
+                    labels = extra[0] if extra else None
+                    attention_mask = None
+                decoder_kwargs.update(varlen_kwargs(position_ids))
+            else:
+                segments = segment_ids(position_ids, attention_mask)
         embeds = self.embed(input_ids, pixel_values)
+        mask = None if packed and segments is None else self.attention_bias(input_ids, attention_mask, embeds.dtype,
+                                                                           segments)
         return self.decoder(
             inputs_embeds=embeds,
-            attention_mask=self.attention_bias(input_ids, attention_mask, embeds.dtype),
+            attention_mask=mask,
             position_ids=position_ids,
             labels=labels,
             **decoder_kwargs,
@@ -162,24 +199,33 @@ class VisionLanguageModel(nn.Module):
         labels: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Mean next-token cross-entropy over the labelled tokens: `forward(..., labels=labels).loss`, but the
         decoder's LM head runs only at the positions whose next token is labelled (`logits_to_keep` as a boolean
         mask). With loss on assistant replies only that is a small share of the sequence, and the (B, L, vocab)
-        logits are never built: less compute, and far less memory for a large vocabulary."""
+        logits are never built: less compute, and far less memory for a large vocabulary.
+
+        `position_ids` given: packed rows (`forward(packed=True)`); the mean is over every labelled token of the
+        batch either way, so packing does not reweight samples."""
+        packed = position_ids is not None
+        if packed and attention_mask is not None and self.isolation() == VARLEN:
+            input_ids, labels, position_ids = flatten_packed(attention_mask, input_ids, labels, position_ids)
+            attention_mask = None
+        extra = {"position_ids": position_ids, "packed": True} if packed else {}
         targets = labels[:, 1:]
         labelled = targets != IGNORE_INDEX
         keep = F.pad(labelled, (0, 1), value=False)  # position i predicts token i + 1
         logits = None
         if self._masked_logits is not False:
-            logits = self(input_ids, attention_mask, pixel_values, logits_to_keep=keep).logits
+            logits = self(input_ids, attention_mask, pixel_values, logits_to_keep=keep, **extra).logits
             if self._masked_logits is None:  # checked once (the count is a host sync on a GPU)
                 expected = (int(labelled.sum()), self.decoder.get_output_embeddings().out_features)
                 self._masked_logits = tuple(logits.shape) == expected  # False: older model code ignores the mask
                 if not self._masked_logits:
                     logits = None
         if logits is None:
-            logits = self(input_ids, attention_mask, pixel_values).logits[keep]
+            logits = self(input_ids, attention_mask, pixel_values, **extra).logits[keep]
         return F.cross_entropy(logits.float(), targets[labelled])
 
     # ---- model directory ------------------------------------------------------------------------------------

@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from vlm.stages.accounting import TokenAccounting
 from vlm.stages.base import Stage
 
 
@@ -45,6 +47,7 @@ class GenerativeStage(Stage):
         super().__init__(model, trainable, optim, name)
         self.data_format = data_format
         self.lora = dict(lora) if lora else None
+        self.accounting = TokenAccounting()  # train/tokens, train/padding_share, train/tokens_per_s
         if self.lora:
             if "decoder" not in self.trainable:
                 raise ValueError("LoRA trains the decoder's adapters: add 'decoder' to stage.trainable")
@@ -56,17 +59,39 @@ class GenerativeStage(Stage):
             attention_mask=batch["attention_mask"],
             pixel_values=batch.get("pixel_values"),
             labels=batch["labels"],
+            position_ids=batch.get("position_ids"),
+            packed="position_ids" in batch,
         )
 
     def loss(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        """The next-token loss over the batch's labelled tokens (logits computed only where they count)."""
+        """The next-token loss over the batch's labelled tokens (logits computed only where they count); a packed
+        batch (`vlm.data.packing`) carries position ids that restart at every sample."""
         return self.model.next_token_loss(batch["input_ids"], batch["labels"], batch["attention_mask"],
-                                          batch.get("pixel_values"))
+                                          batch.get("pixel_values"), batch.get("position_ids"))
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.accounting.add(batch["attention_mask"])
+        trainer = self._trainer
+        if trainer is not None and trainer._logger_connector.should_update_logs:  # the same steps on every rank
+            self.log_dict(self.accounting.metrics(trainer.strategy), batch_size=batch["input_ids"].shape[0])
         return loss
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["token_accounting"] = self.accounting.state_dict(self.trainer.strategy)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if "token_accounting" in checkpoint:
+            self.accounting.load_state_dict(checkpoint["token_accounting"], int(self.trainer.global_rank))
+
+    def on_train_end(self) -> None:
+        """The end-of-stage accounting line (a collective under DDP/FSDP, so every rank computes it)."""
+        super().on_train_end()
+        line = self.accounting.summary(self.trainer.strategy)
+        rank_zero_info(f"[{self.stage_name}] {line}")
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         loss = self.loss(batch)
