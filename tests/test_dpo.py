@@ -254,3 +254,62 @@ def test_shapes_preference_pairs_are_true_against_hallucinated(world):
         if meta["type"] == "color":
             assert meta["rejected"] not in {o["color"] for o in objects} or len({o["color"] for o in objects}) == 6
     assert {"count", "object"} <= kinds
+
+
+# ---- converters -------------------------------------------------------------------------------------------------
+def test_converters_from_trl_and_rlaif_v_skip_and_count_bad_pairs(tmp_path):
+    import base64
+    import io
+    import json
+
+    from PIL import Image
+
+    from vlm.data.convert.__main__ import main
+    from vlm.data.pipeline import iterate_samples
+
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(tmp_path / "a.png")
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8), (0, 0, 200)).save(png, format="PNG")
+    inline = {"bytes": base64.b64encode(png.getvalue()).decode()}
+    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour?"}]}]
+    reply = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
+    trl = [
+        {"prompt": prompt, "chosen": reply("red"), "rejected": reply("blue"), "images": ["a.png"]},
+        {"prompt": prompt, "chosen": reply("blue"), "rejected": reply("red"), "images": [inline]},
+        {"prompt": "no image here?", "chosen": "yes", "rejected": "no"},               # text only: fine
+        {"prompt": prompt, "chosen": reply("red"), "rejected": reply("red"), "images": ["a.png"]},  # identical
+        {"prompt": prompt, "chosen": reply("red"), "rejected": [], "images": ["a.png"]},  # missing reply
+        {"prompt": prompt, "chosen": reply("red"), "rejected": reply("blue")},            # tag without image
+        {"prompt": prompt, "chosen": reply("red"), "rejected": reply("blue"), "images": ["broken.jpg"]},
+    ]
+    (tmp_path / "trl.jsonl").write_text("\n".join(json.dumps(r) for r in trl))
+    rlaif = [
+        {"idx": 7, "image": "a.png", "question": "what colour?", "chosen": "red.", "rejected": "green."},
+        {"image": "a.png", "question": "what colour?", "chosen": "red.", "rejected": None},  # missing reply
+        {"image": None, "question": "what colour?", "chosen": "red.", "rejected": "blue."},  # no image
+        {"image": "gone.png", "question": "what colour?", "chosen": "red.", "rejected": "blue."},
+    ]
+    (tmp_path / "rlaif.json").write_text(json.dumps(rlaif))
+    for source, name in (("trl", "trl.jsonl"), ("rlaif-v", "rlaif.json")):
+        main(["preference", source, "--input", str(tmp_path / name), "--images", str(tmp_path),
+              "--out", str(tmp_path / source), "--quiet"])
+    trl_stats = json.loads((tmp_path / "trl" / "train.stats.json").read_text())
+    assert trl_stats["written"] == 3
+    assert trl_stats["skipped"] == {"corrupt_image": 1, "identical_replies": 1, "missing_reply": 1,
+                                    "too_many_image_tags": 1}
+    rlaif_stats = json.loads((tmp_path / "rlaif-v" / "train.stats.json").read_text())
+    assert rlaif_stats["written"] == 1 and rlaif_stats["skipped"] == {"missing_image": 2, "missing_reply": 1}
+
+    records = []
+    for source in ("trl", "rlaif-v"):
+        for sample in iterate_samples(str(tmp_path / source / "train.txt")):
+            try:
+                records.append(preference_record(sample))
+            except SkipSample as skip:
+                records.append(skip.reason)
+    assert [r.meta["rejected"] if not isinstance(r, str) else r for r in records] == ["blue", "red", "no", "green."]
+    first, _, text_only, rlaif_record = records
+    assert first.messages[0]["content"] == "<image>\nwhat colour?" and first.images[0].getpixel((0, 0)) == (200, 0, 0)
+    assert records[1].images[0].getpixel((0, 0)) == (0, 0, 200) and text_only.images == []
+    assert rlaif_record.messages[-1]["content"] == "red." and rlaif_record.meta["json"]["id"] == 7

@@ -2,6 +2,7 @@
 
     python -m vlm.data.convert images    --images DIR --captions captions.csv|.jsonl --out DIR
     python -m vlm.data.convert llava     --json llava_v1_5_mix665k.json --images DIR --out DIR
+    python -m vlm.data.convert preference trl|rlaif-v --input pairs.jsonl --images DIR --out DIR
     python -m vlm.data.convert synthetic --root DIR [--num-train N ...]
 
 Shards are `{prefix}-{n:06d}.tar` plus a `{prefix}.txt` shard list (what `data.train` can point at) and a

@@ -1,4 +1,4 @@
-"""`python -m vlm.data.convert {images,llava,synthetic} ...`: see `vlm/data/convert/__init__.py`."""
+"""`python -m vlm.data.convert {images,llava,preference,synthetic} ...`: see `vlm/data/convert/__init__.py`."""
 from __future__ import annotations
 
 import argparse
@@ -28,6 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     llava.add_argument("--images", required=True, help="folder the entries' `image` paths are relative to")
     common(llava)
 
+    preference = sub.add_parser("preference", help="preference pairs (TRL conversational or RLAIF-V) for dpo")
+    preference.add_argument("source", choices=["trl", "rlaif-v"], help="the input's format")
+    preference.add_argument("--input", required=True, help=".json list or .jsonl of pairs")
+    preference.add_argument("--images", default=".", help="folder the rows' image paths are relative to")
+    common(preference)
+
     synthetic = sub.add_parser("synthetic", help="the quickstart's shapes world")
     synthetic.add_argument("--root", required=True)
     synthetic.add_argument("--num-train", type=int, default=20000)
@@ -51,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         from vlm.data.convert.llava import convert_llava
 
         convert_llava(args.json, args.images, args.out, args.prefix, args.samples_per_shard, args.quiet)
+    elif args.command == "preference":
+        from vlm.data.convert.preference import convert_preference
+
+        convert_preference(args.source, args.input, args.images, args.out, args.prefix, args.samples_per_shard,
+                           args.quiet)
     else:
         from vlm.data.convert.synthetic import convert_synthetic
 
