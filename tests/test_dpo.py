@@ -4,6 +4,7 @@ the preference format and collator, and the shapes world's pairs."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 from pathlib import Path
 
@@ -260,7 +261,6 @@ def test_shapes_preference_pairs_are_true_against_hallucinated(world):
 def test_converters_from_trl_and_rlaif_v_skip_and_count_bad_pairs(tmp_path):
     import base64
     import io
-    import json
 
     from PIL import Image
 
@@ -313,3 +313,33 @@ def test_converters_from_trl_and_rlaif_v_skip_and_count_bad_pairs(tmp_path):
     assert first.messages[0]["content"] == "<image>\nwhat colour?" and first.images[0].getpixel((0, 0)) == (200, 0, 0)
     assert records[1].images[0].getpixel((0, 0)) == (0, 0, 200) and text_only.images == []
     assert rlaif_record.messages[-1]["content"] == "red." and rlaif_record.meta["json"]["id"] == 7
+
+
+# ---- end to end -------------------------------------------------------------------------------------------------
+def test_sft_then_dpo_recipe_on_the_shapes_world(tmp_path):
+    """sft for a few steps, then `recipe=quickstart_dpo` from its model directory (reference=precomputed, so the
+    first pass through fit runs too): a model directory, the reward logs, and VQA and POPE metrics."""
+    import csv
+
+    from vlm.run import run_recipe, run_stage
+
+    data = [f"paths.data_dir={tmp_path / 'data'}", "data.prepare.num_train=40", "data.prepare.num_val=8",
+            "data.prepare.num_test=8", "data.prepare.samples_per_shard=20", "data.batch_size=4",
+            "data.num_workers=0", "trainer.limit_val_batches=1"]
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        sft = run_stage(compose("train", overrides=[
+            *data, "stage=sft", "model=tiny_tiled", "trainer.max_steps=2", "trainer.val_check_interval=2",
+            f"run_dir={tmp_path / 'sft'}"]))
+        user = [*data, "trainer.max_steps=2", "trainer.val_check_interval=2", "stage.reference=precomputed",
+                "trainer.log_every_n_steps=1"]
+        cfg = compose("train", overrides=[*data, "recipe=quickstart_dpo", f"init_from={sft}",
+                                          f"run_dir={tmp_path / 'dpo'}", "eval_overrides=['task.limit=8']"])
+        metrics = run_recipe(cfg, user_overrides=user)
+    assert (tmp_path / "dpo" / "dpo" / "model" / "model.safetensors").is_file()
+    assert 0 <= metrics["pope/f1"] <= 1 and metrics["pope/count"] == 8 and 0 <= metrics["vqa/accuracy"] <= 1
+    (cache,) = (tmp_path / "data" / "shapes" / "dpo" / "preference" / "reference-logps").glob("*.json")
+    assert len(json.loads(cache.read_text())["logps"]) == 3 * (40 + 8)
+    logs = list((tmp_path / "dpo" / "dpo").rglob("metrics.csv"))
+    columns = set(next(csv.reader(logs[0].open()))) if logs else set()
+    assert {"rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin", "logps/chosen",
+            "val/rewards/accuracy"} <= columns
