@@ -162,11 +162,25 @@ class DPOStage(GenerativeStage):
         self.log("val/loss", loss, prog_bar=True, batch_size=pairs, sync_dist=True)
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, batch_size=pairs, sync_dist=True)
 
+    def configure_model(self) -> None:
+        from vlm.distributed import uses_fsdp2
+
+        if self._trainer is not None and uses_fsdp2(self.trainer.strategy):
+            # the pair's images are encoded outside the sharded root's forward, and a `copy` reference would not
+            # be sharded: neither is handled yet
+            raise NotImplementedError("the dpo stage does not run under trainer=fsdp yet: use trainer=ddp "
+                                      "(with LoRA and reference=adapter|precomputed for large models)")
+        super().configure_model()
+
     # ---- the precomputed reference --------------------------------------------------------------------------
     def on_fit_start(self) -> None:
         super().on_fit_start()
         if self.reference == "precomputed" and self.reference_logps is None:
-            self.reference_logps = self.precompute_reference(self.trainer.datamodule)
+            datamodule = getattr(self.trainer, "datamodule", None)
+            if datamodule is None or not hasattr(datamodule, "sources"):
+                raise ValueError("reference=precomputed reads the pairs through the run's DataModule "
+                                 "(trainer.fit(stage, datamodule=...))")
+            self.reference_logps = self.precompute_reference(datamodule)
 
     def precompute_reference(self, datamodule: Any) -> dict[str, tuple[float, float]]:
         """{sample key: (chosen, rejected) reference log-probabilities} for every training and validation pair,
