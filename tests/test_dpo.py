@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from vlm.data.datamodule import DataModule
 from vlm.data.formats import SkipSample, preference_record
 from vlm.data.synthetic.preferences import ensure_preferences, read_scenes
-from vlm.data.synthetic.shapes import ensure_shapes
+from vlm.data.synthetic.shapes import ensure_shapes, questions
 from vlm.loading import build_processor, load_model
 from vlm.losses import dpo_loss
 from vlm.stages.preference import DPOStage
@@ -84,6 +84,11 @@ def start(world):
     return load_model(OmegaConf.to_container(cfg.model, resolve=True))
 
 
+def pair_count(world: Path, split: str) -> int:
+    """Pairs the shapes world's split gives: two of its questions (fewer if the scene has fewer), one object pair."""
+    return sum(min(2, len(questions(meta["objects"]))) + 1 for _, _, meta in read_scenes(world, split))
+
+
 def datamodule(world: Path, model, tokenizer, batch_size: int = 4, train: str = "train") -> DataModule:
     pref = world / "dpo" / "preference"
     return DataModule(build_processor(model, tokenizer), train=str(pref / f"{train}.txt"), val=str(pref / "val.txt"),
@@ -147,7 +152,7 @@ def test_reference_modes_agree_and_encode_images_once_per_pair(world, start, tmp
     dm = datamodule(world, model, tokenizer, train="val")  # a small first pass: the 36 val pairs (twice)
     if reference == "precomputed":
         stage.reference_logps = stage.precompute_reference(dm)
-        assert stage.reference_model is None and len(stage.reference_logps) == 3 * 12
+        assert stage.reference_model is None and len(stage.reference_logps) == pair_count(world, "val")
     batch = next(iter(dm.val_dataloader()))
     _perturb_adapters(stage)
 
@@ -240,7 +245,7 @@ def test_preference_record_and_its_bad_pairs():
 def test_shapes_preference_pairs_are_true_against_hallucinated(world):
     scenes = {key: meta for key, _, meta in read_scenes(world, "train")}
     pairs = list(read_scenes(world / "dpo" / "preference", "train"))
-    assert len(pairs) == 3 * len(scenes)
+    assert len(pairs) == pair_count(world, "train")
     kinds = set()
     for key, _, meta in pairs:
         objects = scenes[key.rsplit("-p", 1)[0]]["objects"]
@@ -338,7 +343,8 @@ def test_sft_then_dpo_recipe_on_the_shapes_world(tmp_path):
     assert (tmp_path / "dpo" / "dpo" / "model" / "model.safetensors").is_file()
     assert 0 <= metrics["pope/f1"] <= 1 and metrics["pope/count"] == 8 and 0 <= metrics["vqa/accuracy"] <= 1
     (cache,) = (tmp_path / "data" / "shapes" / "dpo" / "preference" / "reference-logps").glob("*.json")
-    assert len(json.loads(cache.read_text())["logps"]) == 3 * (40 + 8)
+    shapes = tmp_path / "data" / "shapes"
+    assert len(json.loads(cache.read_text())["logps"]) == pair_count(shapes, "train") + pair_count(shapes, "val")
     logs = list((tmp_path / "dpo" / "dpo").rglob("metrics.csv"))
     columns = set(next(csv.reader(logs[0].open()))) if logs else set()
     assert {"rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin", "logps/chosen",
