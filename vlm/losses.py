@@ -118,3 +118,43 @@ def _check(rows_a: torch.Tensor, rows_b: torch.Tensor, cols_a: torch.Tensor, col
         raise ValueError(f"columns must be (G, D) with D={rows_a.shape[1]}; got {tuple(cols_a.shape)}")
     if not 0 <= offset <= cols_a.shape[0] - rows_a.shape[0]:
         raise ValueError(f"offset {offset} puts rows 0..{rows_a.shape[0] - 1} outside the {cols_a.shape[0]} columns")
+
+
+# ---- preference losses ------------------------------------------------------------------------------------------
+PREFERENCE_LOSSES = ("sigmoid", "ipo", "hinge")
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair preference losses and implicit rewards from summed reply log-probabilities (all (B,) tensors).
+
+    With h = (log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected)):
+    - `sigmoid` (DPO, Rafailov et al. 2023), with conservative label smoothing e (cDPO):
+      -(1 - e) log sigmoid(beta h) - e log sigmoid(-beta h);
+    - `ipo` (Azar et al. 2023): (h - 1 / (2 beta))^2;
+    - `hinge` (SLiC, Zhao et al. 2023): max(0, 1 - beta h).
+    Returns (losses, chosen_rewards, rejected_rewards); a reward is beta (log pi - log ref), detached.
+    """
+    if loss_type not in PREFERENCE_LOSSES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {PREFERENCE_LOSSES}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if beta <= 0:
+        raise ValueError(f"beta must be positive, got {beta}")
+    chosen = policy_chosen_logps - ref_chosen_logps
+    rejected = policy_rejected_logps - ref_rejected_logps
+    h = chosen - rejected
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        losses = torch.relu(1 - beta * h)
+    return losses, beta * chosen.detach(), beta * rejected.detach()

@@ -183,6 +183,10 @@ class DataModule(L.LightningDataModule):
 
     @property
     def collator(self) -> Collator:
+        if self.format == "preference":  # chosen rows, then rejected rows, each pair's images once
+            from vlm.data.preference import PreferenceCollator
+
+            return PreferenceCollator(self.processor.pad_token_id, padding_side="right")
         return Collator(self.processor.pad_token_id, padding_side="right")
 
     def _dist(self) -> tuple[int, int]:

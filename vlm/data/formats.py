@@ -16,7 +16,7 @@ from PIL import Image
 from vlm.data.tokens import IMAGE_TOKEN
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff", "ppm")
-FORMATS = ("text", "caption", "conversation")
+FORMATS = ("text", "caption", "conversation", "preference")
 
 DEFAULT_CAPTION_PROMPTS = (
     "Describe the image.",
@@ -222,10 +222,47 @@ def conversation_record(sample: dict[str, Any], **_: Any) -> Record:
     return Record(messages=messages, images=images, meta=_meta(sample))
 
 
+def _reply(value: Any, which: str) -> str:
+    """A preference reply: a string, or one assistant turn ({role|from, content|value}, alone or in a list)."""
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, dict):
+        if ROLE_ALIASES.get(str(value.get("role", value.get("from", "assistant"))).lower()) != "assistant":
+            raise SkipSample("bad_reply", f"{which} is not an assistant turn")
+        value = value.get("content", value.get("value"))
+    if not isinstance(value, str) or not value.strip():
+        raise SkipSample("missing_reply", which)
+    return value
+
+
+def preference_record(sample: dict[str, Any], **_: Any) -> Record:
+    """json `prompt` (turns as in `conversation`, or one user string), `chosen` and `rejected` replies, and the
+    images named in json `images` (as in `conversation`) -> the chosen conversation, the rejected reply in
+    `meta["rejected"]`. Identical or missing replies, and more `<image>` tags than images, are skipped."""
+    data = sample.get("json")
+    if not isinstance(data, dict):
+        raise SkipSample("missing_json")
+    chosen, rejected = _reply(data.get("chosen"), "chosen"), _reply(data.get("rejected"), "rejected")
+    if chosen.strip() == rejected.strip():
+        raise SkipSample("identical_replies")
+    prompt = data.get("prompt")
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, list) or not prompt:
+        raise SkipSample("missing_prompt")
+    turns = [*prompt, {"role": "assistant", "content": chosen}]
+    record = conversation_record({**sample, "json": {**data, "conversations": turns}})
+    if [m["role"] for m in record.messages[-2:]] != ["user", "assistant"]:
+        raise SkipSample("bad_prompt", "the prompt must end with a user turn")
+    record.meta["rejected"] = rejected
+    return record
+
+
 CONVERTERS: dict[str, Callable[..., Record]] = {
     "text": text_record,
     "caption": caption_record,
     "conversation": conversation_record,
+    "preference": preference_record,
 }
 
 

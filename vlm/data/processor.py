@@ -338,6 +338,12 @@ class Processor:
         }
         if item.pixel_values is not None:
             out["pixel_values"] = item.pixel_values
+        rejected = record.meta.get("rejected")
+        if rejected is not None:  # a preference pair: the same prompt and images, the rejected reply (no pixels)
+            other = Record(messages=[*record.messages[:-1], {"role": "assistant", "content": rejected}],
+                           meta={"key": record.key})
+            alternative = self._finish(Prepared(other, None, item.grids))
+            out["rejected_input_ids"], out["rejected_labels"] = alternative["input_ids"], alternative["labels"]
         return out
 
     def prompt(self, record: Record) -> dict[str, Any]:

@@ -98,16 +98,20 @@ class VisionLanguageModel(nn.Module):
         """(N, 3, H, W) tiles -> (N, tokens_per_image, D_lm)."""
         return self.projector(self.encoder(pixel_values), self.encoder.grid)
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings with image features written over the `<image>` placeholders, tile after tile."""
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+              image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with image features written over the `<image>` placeholders, tile after tile.
+
+        `image_features` (N, tokens_per_image, D_lm), already encoded, replace `pixel_values` (the dpo stage encodes
+        a pair's images once and splices them into both replies' sequences)."""
         embeds = self.decoder.get_input_embeddings()(input_ids.clamp(min=0))
         slots = input_ids == self.image_token_id
         n_slots = int(slots.sum())
-        if pixel_values is None:
+        if pixel_values is None and image_features is None:
             if n_slots:
                 raise ValueError(f"input_ids hold {n_slots} {IMAGE_TOKEN} tokens but no pixel_values were given")
             return embeds
-        features = self.encode_images(pixel_values)
+        features = self.encode_images(pixel_values) if image_features is None else image_features
         n_features = features.shape[0] * features.shape[1]
         if n_features != n_slots:
             raise ValueError(
@@ -157,6 +161,7 @@ class VisionLanguageModel(nn.Module):
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         packed: bool = False,
+        image_features: torch.Tensor | None = None,
         **decoder_kwargs: Any,
     ):
         """-> the decoder's `CausalLMOutputWithPast` (loss when `labels` are given; -100 is ignored).
@@ -182,7 +187,7 @@ class VisionLanguageModel(nn.Module):
                 decoder_kwargs.update(varlen_kwargs(position_ids))
             else:
                 segments = segment_ids(position_ids, attention_mask)
-        embeds = self.embed(input_ids, pixel_values)
+        embeds = self.embed(input_ids, pixel_values, image_features)
         mask = None if packed and segments is None else self.attention_bias(input_ids, attention_mask, embeds.dtype,
                                                                            segments)
         return self.decoder(
@@ -202,12 +207,29 @@ class VisionLanguageModel(nn.Module):
         position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Mean next-token cross-entropy over the labelled tokens: `forward(..., labels=labels).loss`, but the
-        decoder's LM head runs only at the positions whose next token is labelled (`logits_to_keep` as a boolean
-        mask). With loss on assistant replies only that is a small share of the sequence, and the (B, L, vocab)
-        logits are never built: less compute, and far less memory for a large vocabulary.
+        decoder's LM head runs only at the positions whose next token is labelled (`labelled_logits`).
 
         `position_ids` given: packed rows (`forward(packed=True)`); the mean is over every labelled token of the
         batch either way, so packing does not reweight samples."""
+        logits, targets, _ = self.labelled_logits(input_ids, labels, attention_mask, pixel_values,
+                                                  position_ids=position_ids)
+        return F.cross_entropy(logits.float(), targets)
+
+    def labelled_logits(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits (n, vocab), targets (n,), labelled (B, L-1) mask) at the n positions whose next token is labelled.
+
+        The LM head runs only there (`logits_to_keep` as a boolean mask). With loss on assistant replies only that
+        is a small share of the sequence, and the (B, L, vocab) logits are never built: less compute, and far less
+        memory for a large vocabulary. Rows of the result follow the mask in row-major order. `position_ids`:
+        packed rows; on the varlen path the mask is over the one flattened row of real tokens."""
         packed = position_ids is not None
         if packed and attention_mask is not None and self.isolation() == VARLEN:
             input_ids, labels, position_ids = flatten_packed(attention_mask, input_ids, labels, position_ids)
@@ -218,15 +240,34 @@ class VisionLanguageModel(nn.Module):
         keep = F.pad(labelled, (0, 1), value=False)  # position i predicts token i + 1
         logits = None
         if self._masked_logits is not False:
-            logits = self(input_ids, attention_mask, pixel_values, logits_to_keep=keep, **extra).logits
+            logits = self(input_ids, attention_mask, pixel_values, image_features=image_features,
+                          logits_to_keep=keep, **extra).logits
             if self._masked_logits is None:  # checked once (the count is a host sync on a GPU)
                 expected = (int(labelled.sum()), self.decoder.get_output_embeddings().out_features)
                 self._masked_logits = tuple(logits.shape) == expected  # False: older model code ignores the mask
                 if not self._masked_logits:
                     logits = None
         if logits is None:
-            logits = self(input_ids, attention_mask, pixel_values, **extra).logits[keep]
-        return F.cross_entropy(logits.float(), targets[labelled])
+            logits = self(input_ids, attention_mask, pixel_values, image_features=image_features, **extra).logits[keep]
+        return logits, targets[labelled], labelled
+
+    def reply_logps(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed log-probability of each row's labelled tokens (B,), labelled token count per row (B,)).
+
+        What preference losses compare: log pi(reply | prompt, images) = the sum over the reply's tokens."""
+        logits, targets, labelled = self.labelled_logits(input_ids, labels, attention_mask, pixel_values,
+                                                         image_features)
+        token_logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+        rows = labelled.nonzero()[:, 0]
+        sums = torch.zeros(input_ids.shape[0], dtype=token_logps.dtype, device=token_logps.device)
+        return sums.index_add(0, rows, token_logps), labelled.sum(-1)
 
     # ---- model directory ------------------------------------------------------------------------------------
     def export_config(self) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
     python -m vlm.data.convert images    --images DIR --captions captions.csv|.jsonl --out DIR
     python -m vlm.data.convert llava     --json llava_v1_5_mix665k.json --images DIR --out DIR
+    python -m vlm.data.convert preference trl|rlaif-v --input pairs.jsonl --images DIR --out DIR
     python -m vlm.data.convert synthetic --root DIR [--num-train N ...]
     python -m vlm.data.convert tokenizer --shards DIR/train.txt --vocab-size N --out DIR/tokenizer
 

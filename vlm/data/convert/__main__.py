@@ -1,4 +1,4 @@
-"""`python -m vlm.data.convert {images,llava,tokenizer,synthetic} ...`: see `vlm/data/convert/__init__.py`."""
+"""`python -m vlm.data.convert {images,llava,preference,tokenizer,synthetic} ...`: see `vlm/data/convert/__init__.py`."""
 from __future__ import annotations
 
 import argparse
@@ -38,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     tokenizer.add_argument("--caption-field", default="caption", help="json field of a caption without .txt")
     tokenizer.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    preference = sub.add_parser("preference", help="preference pairs (TRL conversational or RLAIF-V) for dpo")
+    preference.add_argument("source", choices=["trl", "rlaif-v"], help="the input's format")
+    preference.add_argument("--input", required=True, help=".json list or .jsonl of pairs")
+    preference.add_argument("--images", default=".", help="folder the rows' image paths are relative to")
+    common(preference)
+
     synthetic = sub.add_parser("synthetic", help="the quickstart's shapes world")
     synthetic.add_argument("--root", required=True)
     synthetic.add_argument("--num-train", type=int, default=20000)
@@ -66,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         from vlm.data.convert.tokenizer import convert_tokenizer
 
         convert_tokenizer(args.shards, args.vocab_size, args.out, args.max_tiles, args.caption_field, args.quiet)
+    elif args.command == "preference":
+        from vlm.data.convert.preference import convert_preference
+
+        convert_preference(args.source, args.input, args.images, args.out, args.prefix, args.samples_per_shard,
+                           args.quiet)
     else:
         from vlm.data.convert.synthetic import convert_synthetic
 
