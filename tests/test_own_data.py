@@ -73,8 +73,9 @@ def test_tokenizer_converter_round_trips_the_shards_text(own: dict[str, Path]) -
 
 # ---- init_from keeps the model it loads ------------------------------------------------------------------------
 def tiled_model_dir(own: dict[str, Path]) -> Path:
-    """A model like the quickstart's (model=tiny_tiled: 16 px tiles, 4 decoder layers), saved."""
-    cfg = compose_train(f"paths.data_dir={own['shapes'].parent}", "model=tiny_tiled")
+    """A model like the quickstart's (model=tiny_tiled, 4 decoder layers) at 64 px tiles, unlike the default model=
+    (32 px, 3 layers), saved."""
+    cfg = compose_train(f"paths.data_dir={own['shapes'].parent}", "model=tiny_tiled", "model.encoder.image_size=64")
     model, tokenizer = load_model(OmegaConf.to_container(cfg.model, resolve=True))
     return model.save_pretrained(own["root"] / "tiled", tokenizer)
 
@@ -88,7 +89,7 @@ def test_init_from_keeps_the_loaded_image_size_and_architecture(own: dict[str, P
     with caplog.at_level(logging.WARNING, logger="vlm"):
         model, _ = load_model(OmegaConf.to_container(cfg.model, resolve=True), directory,
                               explicit_model_keys(overrides))
-    assert model.encoder.image_size == 16 and model.decoder.config.num_hidden_layers == 4
+    assert model.encoder.image_size == 64 and model.decoder.config.num_hidden_layers == 4
     assert model.config["max_tiles"] == 4 and not caplog.records
     # the image size (and max_length) change when given explicitly, in one line; the architecture never does
     overrides += ["model.encoder.image_size=32", "model.decoder.config.num_hidden_layers=2"]
@@ -98,7 +99,7 @@ def test_init_from_keeps_the_loaded_image_size_and_architecture(own: dict[str, P
                               explicit_model_keys(overrides))
     assert model.encoder.image_size == 32 and model.decoder.config.num_hidden_layers == 4
     lines = [r.getMessage() for r in caplog.records]
-    assert lines == [f"init_from {directory}: changed the loaded model: image size 16 -> 32 px",
+    assert lines == [f"init_from {directory}: changed the loaded model: image size 64 -> 32 px",
                      f"init_from {directory}: the loaded model keeps its architecture; ignored: "
                      "model.decoder.config.num_hidden_layers (only model.encoder.image_size, model.max_length can "
                      "change)"]
@@ -107,7 +108,7 @@ def test_init_from_keeps_the_loaded_image_size_and_architecture(own: dict[str, P
 # ---- data=shards: one override -----------------------------------------------------------------------------------
 def test_data_shards_trains_with_only_data_train_from_a_loaded_model(own: dict[str, Path]) -> None:
     """`data=shards data.train=...` (no val, no test, nothing generated) under the default model=, from init_from:
-    the stage trains, and the model directory it writes is still the loaded one (16 px tiles, 4 layers)."""
+    the stage trains, and the model directory it writes is still the loaded one (64 px tiles, 4 layers)."""
     from vlm.run import run_stage
 
     directory = own["root"] / "tiled"
@@ -122,7 +123,7 @@ def test_data_shards_trains_with_only_data_train_from_a_loaded_model(own: dict[s
     assert cfg.data.val is None and cfg.data.test is None and cfg.data.get("prepare") is None
     model_dir = run_stage(cfg, overrides)
     model, _ = VisionLanguageModel.from_pretrained(model_dir)
-    assert model.encoder.image_size == 16 and model.decoder.config.num_hidden_layers == 4
+    assert model.encoder.image_size == 64 and model.decoder.config.num_hidden_layers == 4
     assert not Path("/nonexistent").exists()  # nothing was generated
     before, _ = VisionLanguageModel.from_pretrained(directory)
     trained = [not torch.equal(a, b) for a, b in zip(model.projector.state_dict().values(),

@@ -81,7 +81,8 @@ def test_readme_walkthrough_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     from vlm.models.vlm import VisionLanguageModel
 
     model, tokenizer = VisionLanguageModel.from_pretrained(tmp_path / "outputs/mine/sft/model")
-    assert model.encoder.image_size == 16 and model.config["max_tiles"] == 4  # tiny_tiled, kept through init_from
+    # tiny_tiled (2x2 tiles, 4 decoder layers), kept through init_from although the default model= is tiny (1, 3)
+    assert model.config["max_tiles"] == 4 and model.decoder.config.num_hidden_layers == 4
     assert len(tokenizer) == len(VisionLanguageModel.from_pretrained(tmp_path / "outputs/mine/lm/model")[1])
     assert (tmp_path / "my_data/tokenizer/trained_on.json").is_file()
     metrics = json.loads((tmp_path / "outputs/mine/eval/metrics.json").read_text())
