@@ -359,7 +359,7 @@ def import_llava(directory: str | Path, chat_template: str | None = None,
         raise NotMappableError(f"{directory} cannot be loaded as a vlm model", problems)
 
     llava = LlavaForConditionalGeneration.from_pretrained(str(directory), dtype=torch.float32, local_files_only=True,
-                                                          attn_implementation="sdpa").eval()
+                                                          attn_implementation="sdpa")
     family = FAMILY_OF_VISION_TYPE[config.vision_config.model_type]
     layers = int(config.vision_config.num_hidden_layers)
     with torch.device("meta"):
@@ -392,4 +392,4 @@ def import_llava(directory: str | Path, chat_template: str | None = None,
     if name:
         recipe["chat_template"] = name
     model = VisionLanguageModel(encoder, projector, decoder, int(config.image_token_id), "causal", config=recipe)
-    return model.eval(), tokenizer
+    return model.train(), tokenizer  # like a freshly built model (transformers hands its modules over in eval mode)
