@@ -136,6 +136,23 @@ def test_export_same_logits_and_greedy_tokens(exported) -> None:
     assert new.tolist() == hf_new.tolist()
 
 
+def test_export_at_an_interpolated_resolution(tmp_path: Path) -> None:
+    """An encoder run at 48 px on a 32 px position table: the export holds the resampled table, same logits."""
+    from transformers import LlavaForConditionalGeneration
+
+    tokenizer = make_tokenizer()
+    model = our_model(tokenizer, family="clip", feature_layer=1, drop_cls=False)
+    model.encoder.set_image_size(48)
+    out = export_llava(model, tokenizer, tmp_path / "llava")
+    hf = LlavaForConditionalGeneration.from_pretrained(str(out)).eval()
+    assert hf.config.vision_config.image_size == 48 and hf.config.image_seq_length == 37
+    prompt = build_processor(model, tokenizer).prompt(Record(messages=ONE_TURN, images=[picture(4)]))
+    with torch.no_grad():
+        ours = model(prompt["input_ids"][None], pixel_values=prompt["pixel_values"]).logits
+        theirs = hf(input_ids=prompt["input_ids"][None], pixel_values=prompt["pixel_values"]).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("template", ["llava_v1", "chatml"])
 def test_processors_give_the_same_ids(tmp_path: Path, template: str) -> None:
     from transformers import AutoProcessor

@@ -73,9 +73,6 @@ def llava_problems(model: nn.Module, tokenizer: Any = None) -> list[str]:
             problems.append("encoder: SigLIP at feature_layer -1 returns its post-layernorm output, which Llava never "
                             "reads (its layer -1 is the last block's output, before that norm); use "
                             f"feature_layer={int(encoder.model.config.num_hidden_layers) - 1} or -2")
-        if encoder.image_size != int(encoder.model.config.image_size):
-            problems.append(f"encoder: runs at {encoder.image_size} px with position embeddings trained at "
-                            f"{encoder.model.config.image_size} px (Llava does not interpolate them)")
     if not (isinstance(projector, MLPProjector) and projector.options.get("depth") == 2):
         what = type(projector).__name__ + (f" depth {projector.options.get('depth')}"
                                            if isinstance(projector, MLPProjector) else "")
@@ -124,8 +121,9 @@ def llava_config(model: nn.Module, tokenizer: Any = None):
         raise NotMappableError("this model cannot be written as a transformers Llava model", problems)
     encoder, decoder = model.encoder, model.decoder
     text_config = decoder.config
+    # at another resolution than the tower's table, the table is resampled for export (`llava_state_dict`)
     config = LlavaConfig(
-        vision_config=encoder.model.config.to_dict(),
+        vision_config={**encoder.model.config.to_dict(), "image_size": encoder.image_size},
         text_config=text_config.to_dict(),
         image_token_id=model.image_token_id,
         image_seq_length=model.tokens_per_image,
@@ -141,8 +139,18 @@ def llava_config(model: nn.Module, tokenizer: Any = None):
 
 def llava_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Our weights under transformers' current Llava names (the tensors themselves, not copies)."""
+    from vlm.models.encoders.base import resample_positions
+
     prefix, head_key = _decoder_keys(model.decoder)
-    out = {f"model.vision_tower.{k}": v for k, v in model.encoder.model.state_dict().items()}
+    encoder = model.encoder
+    tower = encoder.model.state_dict()
+    if encoder.image_size != int(encoder.model.config.image_size):
+        # what the tower's forward does on the fly at this size (bicubic, align_corners=False), done once
+        rows, cols = encoder.grid
+        for key, num_prefix in encoder.position_tables().items():
+            key = key.removeprefix("model.")
+            tower[key] = resample_positions(tower[key], num_prefix + rows * cols, num_prefix)
+    out = {f"model.vision_tower.{k}": v for k, v in tower.items()}
     projector = model.projector.proj  # Sequential(Linear, GELU, Linear)
     for index, name in ((0, "linear_1"), (2, "linear_2")):
         for key, value in projector[index].state_dict().items():
@@ -178,7 +186,10 @@ def _copy_buffers(source: nn.Module, target: nn.Module) -> None:
         if buffer.is_meta:
             module_name, _, attr = name.rpartition(".")
             module = target.get_submodule(module_name) if module_name else target
-            module._buffers[attr] = own[name]
+            value = own[name]
+            if value.shape != buffer.shape and attr == "position_ids":  # a resampled position table's ids
+                value = torch.arange(buffer.shape[-1], device=value.device).expand(buffer.shape)
+            module._buffers[attr] = value
     if hasattr(source, "rotary_emb") and hasattr(target, "rotary_emb"):
         for key, value in vars(source.rotary_emb).items():  # e.g. attention_scaling, plain attributes
             if not key.startswith("_") and isinstance(value, (int, float)):
