@@ -31,18 +31,29 @@ VISION = {"clip": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3
                          image_size=32, patch_size=8)}
 
 
-def make_tokenizer(chat_template: str = "llava_v1"):
-    """Byte-level BPE (any text encodes) with `<image>`, BOS and EOS, like a real LM's tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def make_tokenizer(chat_template: str = "llava_v1", llama_like: bool = False):
+    """Byte-level BPE (any text encodes, Qwen-like: no BOS added) with `<image>`, BOS and EOS; or, `llama_like`,
+    Metaspace BPE whose encoding starts with BOS (Llama's and Vicuna's kind)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    if llama_like:
+        tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+        tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+        trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", *SPECIAL], show_progress=False)
+    else:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL, show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(TEXTS * 20, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    if llama_like:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
+        assert tok.token_to_id("<s>") == 2
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>" if llama_like else None)
     return add_vlm_tokens(tokenizer, chat_template=chat_template)
 
 
@@ -153,24 +164,27 @@ def test_export_at_an_interpolated_resolution(tmp_path: Path) -> None:
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("template", ["llava_v1", "chatml"])
-def test_processors_give_the_same_ids(tmp_path: Path, template: str) -> None:
+@pytest.mark.parametrize(("template", "llama_like"), [("llava_v1", False), ("chatml", False), ("llava_v1", True)])
+def test_processors_give_the_same_ids(tmp_path: Path, template: str, llama_like: bool) -> None:
     from transformers import AutoProcessor
 
-    tokenizer = make_tokenizer(template)
+    tokenizer = make_tokenizer(template, llama_like)
     model = our_model(tokenizer)
     hf_processor = AutoProcessor.from_pretrained(str(export_llava(model, tokenizer, tmp_path / "llava")))
     ours = build_processor(model, tokenizer)
     image = picture(1)
     for messages in (ONE_TURN, TWO_TURNS):
         expected = ours.prompt(Record(messages=messages, images=[image]))
-        for conversation in (as_parts(messages, image), messages):  # lists of parts, and our plain strings
-            text = hf_processor.apply_chat_template(conversation, add_generation_prompt=True)
-            got = hf_processor(images=[image], text=text, return_tensors="pt", add_special_tokens=False)
-            assert got["input_ids"][0].tolist() == expected["input_ids"].tolist(), (template, conversation)
-            # PIL bicubic both ways; transformers' pipeline rounds differently by at most one 8-bit level
-            assert (got["pixel_values"] - expected["pixel_values"]).abs().max() <= 1.01 / 255 / min(
-                model.encoder.image_std)
+        # transformers' own path (lists of parts; it sees the template's BOS and adds none), then our plain strings
+        got = hf_processor.apply_chat_template(as_parts(messages, image), add_generation_prompt=True, tokenize=True,
+                                               return_dict=True, return_tensors="pt")
+        assert got["input_ids"][0].tolist() == expected["input_ids"].tolist(), (template, messages)
+        text = hf_processor.apply_chat_template(messages, add_generation_prompt=True)
+        got = hf_processor(images=[image], text=text, return_tensors="pt", add_special_tokens=False)
+        assert got["input_ids"][0].tolist() == expected["input_ids"].tolist(), (template, messages)
+        # PIL bicubic both ways; transformers' pipeline rounds differently by at most one 8-bit level
+        assert (got["pixel_values"] - expected["pixel_values"]).abs().max() <= 1.01 / 255 / min(
+            model.encoder.image_std)
 
 
 def test_round_trip_keeps_every_weight(tmp_path: Path) -> None:
@@ -305,16 +319,20 @@ def labelled_runs(sample: dict, tokenizer) -> list[str]:
     return runs
 
 
-@pytest.mark.parametrize(("template", "ends"), [("llava_v1", (" ", "</s>")), ("chatml", ("", "<|im_end|>"))])
-def test_labels_cover_each_reply_and_its_end_under_each_template(template: str, ends: tuple[str, str]) -> None:
-    tokenizer = make_tokenizer(template)
+@pytest.mark.parametrize(("template", "llama_like", "ends"), [
+    ("llava_v1", False, (" ", "</s>")), ("chatml", False, ("", "<|im_end|>")), ("llava_v1", True, ("", "</s>"))])
+def test_labels_cover_each_reply_and_its_end_under_each_template(template: str, llama_like: bool,
+                                                                 ends: tuple[str, str]) -> None:
+    tokenizer = make_tokenizer(template, llama_like)
     model = our_model(tokenizer)
     conversation = [*TWO_TURNS, {"role": "assistant", "content": "at the top left"}]
     sample = build_processor(model, tokenizer)(Record(messages=conversation, images=[picture()]))
     space, end = ends
     assert labelled_runs(sample, tokenizer) == [f"{space}a red circle{end}", f"{space}at the top left{end}"]
+    bos = sample["input_ids"].tolist().count(tokenizer.bos_token_id)
+    assert bos == (template == "llava_v1")  # the template writes BOS once; nothing adds a second
     text = tokenizer.decode(sample["input_ids"].tolist())
-    if template == "llava_v1":  # LLaVA's conv_vicuna_v1, separators and all
+    if template == "llava_v1" and not llama_like:  # LLaVA's conv_vicuna_v1, separators and all
         system = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
                   "helpful, detailed, and polite answers to the human's questions.")
         images = "<image>" * model.tokens_per_image
