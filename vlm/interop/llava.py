@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -233,7 +231,7 @@ def export_llava(model: nn.Module, tokenizer: Any, directory: str | Path, legacy
     the layout older readers expect (`vision_tower.*`, `language_model.model.*`, ...), which `save_pretrained`
     writes by default for backward compatibility."""
     from vlm.data.tokens import stop_token_ids
-    from vlm.models.directory import swap_in
+    from vlm.models.directory import staged_directory
 
     if tokenizer is None:
         raise ValueError("export needs the model's tokenizer (the model directory has no tokenizer files)")
@@ -243,17 +241,10 @@ def export_llava(model: nn.Module, tokenizer: Any, directory: str | Path, legacy
     generation.eos_token_id = stop_token_ids(tokenizer) or None
     generation.pad_token_id = tokenizer.pad_token_id
     generation.bos_token_id = tokenizer.bos_token_id
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with staged_directory(directory) as tmp:
         llava.save_pretrained(str(tmp), save_original_format=legacy_names)
         processor.save_pretrained(str(tmp))
-        swap_in(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
+    return Path(directory)
 
 
 # ---- Llava -> our model ---------------------------------------------------------------------------------------
