@@ -69,8 +69,9 @@ def llava_problems(model: nn.Module, tokenizer: Any = None) -> list[str]:
     else:
         if encoder.family == "siglip" and encoder.feature_layer == -1:
             problems.append("encoder: SigLIP at feature_layer -1 returns its post-layernorm output, which Llava never "
-                            "reads (its layer -1 is the last block's output, before that norm); use "
-                            f"feature_layer={int(encoder.model.config.num_hidden_layers) - 1} or -2")
+                            "reads (its layer -1 is the last block's output, before that norm); models meant for "
+                            f"export train with feature_layer={int(encoder.model.config.num_hidden_layers) - 1} "
+                            "(that output) or -2")
     if not (isinstance(projector, MLPProjector) and projector.options.get("depth") == 2):
         what = type(projector).__name__ + (f" depth {projector.options.get('depth')}"
                                            if isinstance(projector, MLPProjector) else "")
