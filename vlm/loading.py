@@ -47,6 +47,8 @@ def load_model(model_cfg: Mapping[str, Any], init_from: str | Path | None = None
     for a config read back from disk, whose parts must be registered types (vlm.models.registry). A model
     directory is always loaded as data. `trust_remote_code` (None: the user's `model.decoder.trust_remote_code`
     when trusted, else False) is never taken from a file.
+    `init_from` may also be a local transformers Llava directory (`vlm.interop.llava`). `chat_template` (a named
+    template) replaces the tokenizer's own when set.
     """
     from vlm.data.tokens import load_tokenizer
     from vlm.models.clip import ClipModel, is_clip_config, load_clip_model
@@ -61,18 +63,24 @@ def load_model(model_cfg: Mapping[str, Any], init_from: str | Path | None = None
             return model, tokenizer
         return load_clip_model(model_cfg, None, trusted, trust_remote_code)
 
+    chat_template = model_cfg.get("chat_template")
     if init_from:
+        from vlm.interop.llava import import_llava, is_llava_directory
+
+        if is_llava_directory(init_from):  # a transformers Llava checkpoint: it keeps its own resolution
+            named = chat_template if "chat_template" in explicit else None
+            return import_llava(init_from, chat_template=named)
         model, tokenizer = VisionLanguageModel.from_pretrained(init_from, trust_remote_code=bool(trust_remote_code))
-        adapt_loaded(model, model_cfg, explicit, init_from)
+        adapt_loaded(model, model_cfg, explicit, init_from, tokenizer)
         return model, tokenizer
     tokenizer = load_tokenizer(model_cfg["tokenizer"], max_tiles=model_cfg.get("max_tiles", 1),
-                               trust_remote_code=bool(trust_remote_code))
+                               trust_remote_code=bool(trust_remote_code), chat_template=chat_template)
     return VisionLanguageModel.from_config(dict(model_cfg), tokenizer, trusted, trust_remote_code), tokenizer
 
 
 # ---- init_from: the loaded model is kept -----------------------------------------------------------------------
 # The keys of the composed `model` config that can change a loaded model, when given explicitly.
-ADJUSTABLE_KEYS = ("encoder.image_size", "max_length")
+ADJUSTABLE_KEYS = ("encoder.image_size", "max_length", "chat_template")
 
 
 def explicit_model_keys(overrides: Sequence[str]) -> list[str]:
@@ -90,7 +98,7 @@ def explicit_model_keys(overrides: Sequence[str]) -> list[str]:
 
 
 def adapt_loaded(model: nn.Module, model_cfg: Mapping[str, Any], explicit: Collection[str],
-                 source: str | Path) -> list[str]:
+                 source: str | Path, tokenizer: Any = None) -> list[str]:
     """Apply the explicitly given `ADJUSTABLE_KEYS` of `model_cfg` to a loaded model; returns what changed.
 
     Changes are logged in one line; explicit keys that would change the architecture are logged as ignored.
@@ -109,6 +117,11 @@ def adapt_loaded(model: nn.Module, model_cfg: Mapping[str, Any], explicit: Colle
         elif key == "max_length" and value and hasattr(model, "config") and value != model.config.get("max_length"):
             changes.append(f"max_length {model.config.get('max_length')} -> {int(value)}")
             model.config["max_length"] = int(value)
+        elif key == "chat_template" and value and tokenizer is not None:
+            from vlm.data.chat_templates import set_chat_template
+
+            changes.append(f"chat template -> {value}")
+            set_chat_template(tokenizer, value)
     if changes:
         log.warning("init_from %s: changed the loaded model: %s", source, "; ".join(changes))
     if ignored:

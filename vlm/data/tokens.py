@@ -41,10 +41,12 @@ def vlm_special_tokens(max_tiles: int = 1) -> list[str]:
     return base + tile_tokens(max_tiles)
 
 
-def add_vlm_tokens(tokenizer: Any, max_tiles: int = 1) -> Any:
-    """Add the missing VLM special tokens, a pad token and (if none) the ChatML template; returns the tokenizer.
+def add_vlm_tokens(tokenizer: Any, max_tiles: int = 1, chat_template: str | None = None) -> Any:
+    """Add the missing VLM special tokens, a pad token and a chat template; returns the tokenizer.
 
-    The vocabulary may grow: size the model's embeddings with `len(tokenizer)`, not `tokenizer.vocab_size`.
+    `chat_template`: a named template (`vlm.data.chat_templates`: chatml, llava_v1) that replaces the tokenizer's
+    own; None keeps the tokenizer's, or ChatML if it has none. The vocabulary may grow: size the model's embeddings
+    with `len(tokenizer)`, not `tokenizer.vocab_size`.
     """
     added = tokenizer.get_added_vocab()  # added (special) tokens are matched before the model splits text
     missing = [t for t in vlm_special_tokens(max_tiles) if t not in added]
@@ -52,6 +54,10 @@ def add_vlm_tokens(tokenizer: Any, max_tiles: int = 1) -> Any:
         tokenizer.add_tokens(missing, special_tokens=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = PAD_TOKEN
+    if chat_template:
+        from vlm.data.chat_templates import set_chat_template
+
+        return set_chat_template(tokenizer, chat_template)
     if not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = CHATML_TEMPLATE
         if tokenizer.eos_token is None:
@@ -59,7 +65,8 @@ def add_vlm_tokens(tokenizer: Any, max_tiles: int = 1) -> Any:
     return tokenizer
 
 
-def load_tokenizer(name_or_path: str, max_tiles: int = 1, trust_remote_code: bool = False, **kwargs: Any) -> Any:
+def load_tokenizer(name_or_path: str, max_tiles: int = 1, trust_remote_code: bool = False,
+                   chat_template: str | None = None, **kwargs: Any) -> Any:
     """`AutoTokenizer.from_pretrained` followed by `add_vlm_tokens` (no remote code unless asked)."""
     from transformers import AutoTokenizer
 
@@ -67,7 +74,7 @@ def load_tokenizer(name_or_path: str, max_tiles: int = 1, trust_remote_code: boo
 
     with named_model(name_or_path, "tokenizer", "model.tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kwargs)
-    return add_vlm_tokens(tokenizer, max_tiles=max_tiles)
+    return add_vlm_tokens(tokenizer, max_tiles=max_tiles, chat_template=chat_template)
 
 
 def stop_token_ids(tokenizer: Any) -> list[int]:

@@ -1,11 +1,12 @@
 """Shared by the model classes that write and read self-contained model directories (vlm.py, clip.py)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 
 def plain(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -34,17 +35,25 @@ def write_model_directory(
     from omegaconf import OmegaConf
     from safetensors.torch import save_model
 
+    with staged_directory(directory) as tmp:
+        OmegaConf.save(OmegaConf.create(dict(config)), tmp / config_name)
+        save_model(model, str(tmp / weights_name), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+    return Path(directory)
+
+
+@contextlib.contextmanager
+def staged_directory(directory: str | os.PathLike) -> Iterator[Path]:
+    """A fresh temporary directory beside `directory` to write into; swapped in whole when the block ends, removed
+    if it raises (so a reader never sees a half-written directory, and a failed write loses nothing)."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        OmegaConf.save(OmegaConf.create(dict(config)), tmp / config_name)
-        save_model(model, str(tmp / weights_name), metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
+        yield tmp
         swap_in(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return directory
