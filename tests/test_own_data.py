@@ -101,8 +101,8 @@ def test_init_from_keeps_the_loaded_image_size_and_architecture(own: dict[str, P
     lines = [r.getMessage() for r in caplog.records]
     assert lines == [f"init_from {directory}: changed the loaded model: image size 64 -> 32 px",
                      f"init_from {directory}: the loaded model keeps its architecture; ignored: "
-                     "model.decoder.config.num_hidden_layers (only model.encoder.image_size, model.max_length can "
-                     "change)"]
+                     "model.decoder.config.num_hidden_layers (only model.encoder.image_size, model.max_length, "
+                     "model.chat_template can change)"]
 
 
 # ---- data=shards: one override -----------------------------------------------------------------------------------
