@@ -273,6 +273,8 @@ def test_converters_from_trl_and_rlaif_v_skip_and_count_bad_pairs(tmp_path):
     from vlm.data.pipeline import iterate_samples
 
     Image.new("RGB", (8, 8), (200, 0, 0)).save(tmp_path / "a.png")
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.png"
+    Image.new("RGB", (8, 8), (0, 200, 0)).save(outside)
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
     png = io.BytesIO()
     Image.new("RGB", (8, 8), (0, 0, 200)).save(png, format="PNG")
@@ -294,6 +296,7 @@ def test_converters_from_trl_and_rlaif_v_skip_and_count_bad_pairs(tmp_path):
         {"image": "a.png", "question": "what colour?", "chosen": "red.", "rejected": None},  # missing reply
         {"image": None, "question": "what colour?", "chosen": "red.", "rejected": "blue."},  # no image
         {"image": "gone.png", "question": "what colour?", "chosen": "red.", "rejected": "blue."},
+        {"image": str(outside), "question": "what colour?", "chosen": "red.", "rejected": "blue."},  # not in --images
     ]
     (tmp_path / "rlaif.json").write_text(json.dumps(rlaif))
     for source, name in (("trl", "trl.jsonl"), ("rlaif-v", "rlaif.json")):
@@ -304,7 +307,11 @@ def test_converters_from_trl_and_rlaif_v_skip_and_count_bad_pairs(tmp_path):
     assert trl_stats["skipped"] == {"corrupt_image": 1, "identical_replies": 1, "missing_reply": 1,
                                     "too_many_image_tags": 1}
     rlaif_stats = json.loads((tmp_path / "rlaif-v" / "train.stats.json").read_text())
-    assert rlaif_stats["written"] == 1 and rlaif_stats["skipped"] == {"missing_image": 2, "missing_reply": 1}
+    assert rlaif_stats["written"] == 1
+    assert rlaif_stats["skipped"] == {"missing_image": 2, "missing_reply": 1, "outside_images": 1}
+    main(["preference", "rlaif-v", "--input", str(tmp_path / "rlaif.json"), "--images", str(tmp_path),
+          "--out", str(tmp_path / "outside"), "--quiet", "--allow-outside"])
+    assert json.loads((tmp_path / "outside" / "train.stats.json").read_text())["written"] == 2
 
     records = []
     for source in ("trl", "rlaif-v"):

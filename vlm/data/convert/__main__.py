@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         from vlm.data.convert.preference import convert_preference
 
         convert_preference(args.source, args.input, args.images, args.out, args.prefix, args.samples_per_shard,
-                           args.quiet)
+                           args.quiet, args.allow_outside)
     else:
         from vlm.data.convert.synthetic import convert_synthetic
 

@@ -24,7 +24,7 @@ from typing import Any
 from PIL import Image
 
 from vlm.data.convert.llava import load_entries
-from vlm.data.convert.writer import ShardWriter, Skip, Stats, image_bytes, progress
+from vlm.data.convert.writer import ShardWriter, Skip, Stats, image_bytes, image_path, progress
 from vlm.data.formats import ROLE_ALIASES
 from vlm.data.tokens import IMAGE_TOKEN
 
@@ -77,7 +77,7 @@ def _reply(value: Any, which: str) -> str:
     return value
 
 
-def _image(value: Any, images: Path) -> tuple[str, bytes]:
+def _image(value: Any, images: Path, allow_outside: bool = False) -> tuple[str, bytes]:
     if isinstance(value, dict) and value.get("bytes"):
         try:
             data = base64.b64decode(value["bytes"], validate=True)
@@ -90,7 +90,7 @@ def _image(value: Any, images: Path) -> tuple[str, bytes]:
     path = value.get("path") if isinstance(value, dict) else value
     if not isinstance(path, str) or not path:
         raise Skip("missing_image", f"{value!r:.60}")
-    return image_bytes(images / path)
+    return image_bytes(image_path(images, path, allow_outside))
 
 
 def _pair(row: Any, source: str) -> tuple[list[dict[str, str]], str, str, list[Any]]:
@@ -123,8 +123,10 @@ def convert_preference(
     prefix: str = "train",
     samples_per_shard: int = 1000,
     quiet: bool = False,
+    allow_outside: bool = False,
 ) -> Stats:
-    """Write the shards; returns the counts (also saved as `{prefix}.stats.json`)."""
+    """Write the shards; returns the counts (also saved as `{prefix}.stats.json`). Image paths must stay inside
+    `images` unless `allow_outside`."""
     if source not in SOURCES:
         raise ValueError(f"unknown preference source {source!r}; expected one of {SOURCES}")
     input_path, images = Path(input_path), Path(images)
@@ -144,7 +146,7 @@ def convert_preference(
                     raise Skip("too_few_image_tags", f"{tags} tags, {len(values)} images")
                 fields: dict[str, bytes] = {}
                 for n, value in enumerate(values):
-                    ext, data = _image(value, images)
+                    ext, data = _image(value, images, allow_outside)
                     fields[ext if len(values) == 1 else f"{n}.{ext}"] = data
             except Skip as skip:
                 ident = row.get("id", row.get("idx", index)) if isinstance(row, dict) else index
