@@ -2,10 +2,10 @@
 the training process one core less per DataLoader worker; `threads: N` sets N.
 
 Which pays depends on what else runs. Measured on a 2-core machine with one data worker: alone, the quickstart's
-sft stage moved 1.45x and 1.52x faster with 2 threads than with 1 (6,280-6,566 against 4,318-4,337 tokens/s, 200 steps each,
-twice; the whole quickstart took 12:43 against 14:41), since the worker needs only ~20 ms of a ~250 ms step; with six other jobs on the machine, 2 threads moved at
-a seventh of the speed of 1 (30 against 210 clip steps in the same 2.5 minutes). `OMP_NUM_THREADS`, when set, wins
-over `auto`.
+sft stage moved 1.45x and 1.52x faster with 2 threads than with 1 in 200-step runs, and the whole quickstart took
+12:43 against 14:41, since the worker needs only ~20 ms of a ~250 ms step; with six other jobs on the machine,
+2 threads moved at a seventh of the speed of 1 (30 against 210 clip steps in the same 2.5 minutes).
+`OMP_NUM_THREADS`, when set, wins over `auto`.
 """
 
 from __future__ import annotations
