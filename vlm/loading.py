@@ -61,7 +61,7 @@ def load_model(model_cfg: Mapping[str, Any], init_from: str | Path | None = None
             model, tokenizer = ClipModel.from_pretrained(init_from, trust_remote_code=bool(trust_remote_code))
             adapt_loaded(model, model_cfg, explicit, init_from)
             return model, tokenizer
-        return load_clip_model(model_cfg, None, trusted, trust_remote_code)
+        return load_clip_model(model_cfg, trusted, trust_remote_code)
 
     chat_template = model_cfg.get("chat_template")
     if init_from:

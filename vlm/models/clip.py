@@ -279,19 +279,12 @@ class ClipProcessor:
                 "pixel_values": self.image(record.images[0]), "key": record.key}
 
 
-def load_clip_model(model_cfg: Mapping[str, Any], init_from: str | Path | None = None, trusted: bool = True,
+def load_clip_model(model_cfg: Mapping[str, Any], trusted: bool = True,
                     trust_remote_code: bool | None = None) -> tuple[ClipModel, Any]:
-    """A dual encoder from its config, or the CLIP model directory `init_from` at the config's resolution.
-
-    Returns (model, tokenizer). The tokenizer is loaded as it is (no VLM special tokens); a pad token is set to the
-    end-of-text token if it has none. `trusted`: as in `vlm.loading.load_model`.
+    """A dual encoder built from its config (a CLIP model directory is loaded by `vlm.loading.load_model`, which
+    keeps it as it is). Returns (model, tokenizer). The tokenizer is loaded as it is (no VLM special tokens); a pad
+    token is set to the end-of-text token if it has none. `trusted`: as in `vlm.loading.load_model`.
     """
-    if init_from:
-        model, tokenizer = ClipModel.from_pretrained(init_from, trust_remote_code=bool(trust_remote_code))
-        size = (model_cfg.get("encoder") or {}).get("image_size")
-        if size and size != model.encoder.image_size:
-            model.encoder.set_image_size(size)
-        return model, tokenizer
     tokenizer = load_text_tokenizer(model_cfg["tokenizer"])
     return ClipModel.from_config(model_cfg, tokenizer, trusted, trust_remote_code), tokenizer
 
