@@ -14,7 +14,12 @@
    next one's start, i.e. fetch + transfer) and from Lightning's SimpleProfiler (`train_dataloader_next`).
    Target: under 5%.
 
-    python benchmarks/loader_throughput.py [--rounds 3] [--batches 30] [--steps 40] [--threads 1]
+3. Keep-or-drop (`--ablate`): the 384 px JPEG pipeline with each hand-written piece switched off, side by side in
+   the same rounds: our tar header parser (off: webdataset's `tar_file_expander` reads every shard) and the
+   shared-memory batch hand-over with its buffer pool (off: the workers yield plain batches and torch's
+   DataLoader shares each tensor itself). A piece stays only with >= 10% end-to-end gain.
+
+    python benchmarks/loader_throughput.py [--rounds 3] [--batches 30] [--steps 40] [--threads 1] [--ablate]
 """
 from __future__ import annotations
 
@@ -135,6 +140,56 @@ def throughput(name: str, urls: list[str], field: str, processor: Processor, wor
             "limit_cpu_us": 1e6 * limit_cpu, "full_cpu_us": 1e6 * full_cpu, "cpu_ratio": limit_cpu / full_cpu}
 
 
+# ---------------------------------------------------------------- keep-or-drop of the hand-written pieces
+
+
+def _switched_loader(dm: DataModule, tar_parser: bool, pool: bool):
+    """The DataModule's training loader with its workers started (forked) while the pieces are switched as asked:
+    the workers keep the switch, the main process gets the originals back."""
+    import vlm.data.pipeline as pipeline
+    import vlm.data.stream as stream
+    from vlm.data.collate import Collator
+
+    saved = pipeline._plain_path, stream.pack_batch, Collator.__call__
+    if not tar_parser:
+        pipeline._plain_path = lambda url: False  # every shard through webdataset's tar_file_expander
+    if not pool:
+        stream.pack_batch = lambda batch, pool=None: batch  # torch's own hand-over, tensor by tensor
+        plain = Collator.__call__
+        Collator.__call__ = lambda self, samples, lazy=False: plain(self, samples)  # concatenated pixels
+    try:
+        loader = dm.train_dataloader()
+        iterator = iter(loader)
+        next(iterator)  # forks the workers with the switches in place
+    finally:
+        pipeline._plain_path, stream.pack_batch, Collator.__call__ = saved
+    return loader, iterator
+
+
+def ablation(urls: list[str], processor: Processor, workers: int, batches: int, rounds: int) -> dict[str, list]:
+    """samples/s and CPU per sample of the four combinations, measured in turn within each round."""
+    combos = {"both": (True, True), "no tar parser": (False, True), "no buffer pool": (True, False),
+              "neither": (False, False)}
+    loaders = {}
+    for name, (tar_parser, pool) in combos.items():
+        dm = DataModule(processor, urls, format="conversation", batch_size=BATCH, num_workers=workers,
+                        shuffle_buffer=1000, resampled=True, seed=0)
+        loaders[name] = _switched_loader(dm, tar_parser, pool)
+    out: dict[str, list] = {name: [] for name in combos}
+    for r in range(rounds):
+        for name, (loader, iterator) in loaders.items():
+            for _ in range(WARMUP_BATCHES):
+                next(iterator)
+            pids = [w.pid for w in getattr(loader._iterator, "_workers", [])]
+            wall, cpu, worker_cpu = time.perf_counter(), time.process_time(), cpu_seconds(pids)
+            n = sum(len(next(iterator)["keys"]) for _ in range(batches))
+            used = time.process_time() - cpu + cpu_seconds(pids) - worker_cpu
+            out[name].append((n / (time.perf_counter() - wall), used / n))
+            print(f"  [ablate] round {r} {name:15s} {out[name][-1][0]:7.0f}/s  CPU {1e6 * used / n:6.0f} us/sample",
+                  flush=True)
+    return out
+
+
 # ---------------------------------------------------------------- quickstart wait share
 
 
@@ -199,10 +254,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads of the main process (default: "
                         "torch's; on a busy 2-core machine 1 is far faster and steadier)")
     parser.add_argument("--skip", choices=["throughput", "quickstart"], action="append", default=[])
+    parser.add_argument("--ablate", action="store_true", help="also measure the 384 px JPEG pipeline without our tar "
+                        "parser and without the shared-memory buffer pool, side by side (keep-or-drop)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     results: dict[str, dict[str, float]] = {}
+    ablated: dict[str, list] = {}
     shares: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -222,6 +280,12 @@ def main() -> None:
             jpegs = jpeg_shards(shapes, tmp / "jpeg", 384)
             results["384px JPEG -> 224"] = throughput("384px", jpegs, "jpg", large, args.workers, args.batches,
                                                       args.rounds)
+        if args.ablate:
+            tokenizer = load_tokenizer(str(shapes / "tokenizer"))
+            jpegs = jpeg_shards(shapes, tmp / "jpeg", 384)
+            large = Processor(tokenizer, ImageTransform(224, [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]), tokens_per_image=64,
+                              max_length=512)
+            ablated = ablation(jpegs, large, args.workers, args.batches, args.rounds)
         if "quickstart" not in args.skip:
             # as conf/recipe/quickstart.yaml runs them (clip: its own model; the others: model=tiny_tiled)
             quick_stages = {"clip": ["data.batch_size=64", "optim.lr=2e-3"],
@@ -242,6 +306,16 @@ def main() -> None:
                   "   target ratio >= 0.8")
         print("(ratio: wall-clock samples/s against limit x workers; CPU ratio: decode+resize CPU time against the "
               "full pipeline's, workers and main process together = the ratio with a free core per worker)")
+    if ablated:
+        base = [rate for rate, _ in ablated["both"]]
+        print(f"\nkeep-or-drop, 384 px JPEG -> 224, {args.workers} workers (median of {args.rounds} rounds; per-round "
+              "ratio to `both` measured in the same round)")
+        for name, rows in ablated.items():
+            rates = [rate for rate, _ in rows]
+            ratios = [b / x for b, x in zip(base, rates)]
+            print(f"{name:15s} {statistics.median(rates):7.0f}/s  CPU {1e6 * statistics.median(c for _, c in rows):6.0f}"
+                  f" us/sample  both/this per round: {' '.join(f'{x:.2f}' for x in ratios)}  median "
+                  f"{statistics.median(ratios):.2f}")
     if shares:
         print(f"\n{'quickstart stage':18s} {'wait/step':>10s} {'step':>9s} {'share':>7s} {'profiler':>9s}")
         for stage, s in shares.items():
