@@ -59,7 +59,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _gather_objects(obj: Any) -> list[Any]:
+def gather_objects(obj: Any) -> list[Any]:
+    """`obj` from every rank, in rank order (`[obj]` when not distributed)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         out: list[Any] = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(out, obj)
@@ -138,7 +139,7 @@ class ResumeState(L.Callback):
                 if metrics:
                     metrics.setdefault("epoch", trainer.current_epoch)
                     pending = {"step": log_step, "metrics": metrics}
-        return {"rng": _gather_objects(rng_state()), "pending_log": pending, "log_step": log_step}
+        return {"rng": gather_objects(rng_state()), "pending_log": pending, "log_step": log_step}
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         # rows that callbacks logged directly (learning rate, data progress) sit in the loggers' buffers: write them

@@ -82,10 +82,11 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` durable (best effort: some file systems cannot fsync a directory)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
@@ -170,10 +171,19 @@ def remove_partials(directory: str | os.PathLike) -> list[Path]:
 
 
 # ---- what a stage checkpoint holds -----------------------------------------------------------------------------
+# Segments that wrappers insert into parameter names: activation checkpointing, torch.compile, FSDP1.
+WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+
+
+def clean_key(name: str) -> str:
+    """A parameter name as state dicts spell it (no checkpoint/compile/FSDP1 wrapper segments)."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
 def trainable_keys(module: torch.nn.Module) -> list[str]:
     """State-dict keys of the trainable parameters (wrapper segments removed), tied duplicates included."""
-    from vlm.distributed import clean_key
-
     return [clean_key(n) for n, p in module.named_parameters(remove_duplicate=False) if p.requires_grad]
 
 

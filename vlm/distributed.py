@@ -30,9 +30,6 @@ from torch import nn
 
 log = logging.getLogger("vlm")
 
-_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
-
-
 # ---- which modules are blocks ----------------------------------------------------------------------------------
 def find_blocks(model: nn.Module) -> list[nn.Module]:
     """The transformer blocks of a model: the members of every `nn.ModuleList` / `nn.Sequential` that holds two or
@@ -142,13 +139,6 @@ def is_sharded(module: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in module.parameters())
 
 
-def clean_key(name: str) -> str:
-    """A parameter name as state dicts spell it (no checkpoint/compile/FSDP1 wrapper segments)."""
-    for prefix in _WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
-
-
 def meta_skeleton(model: nn.Module) -> nn.Module:
     """A copy of `model` whose parameters and persistent buffers live on the meta device: no memory, same structure
     and names, tied weights still tied. Taken before sharding, it receives the consolidated weights at export.
@@ -237,7 +227,7 @@ class FSDP2Strategy(_strategy_base()):
         from lightning.fabric.strategies.model_parallel import _distributed_checkpoint_save
         from lightning.fabric.utilities.load import _METADATA_FILENAME
 
-        from vlm.checkpointing import _fsync_dir, atomic_torch_save, partial_path
+        from vlm.checkpointing import fsync_dir, atomic_torch_save, partial_path
 
         path = Path(self.broadcast(str(filepath)))
         tmp = partial_path(path)
@@ -255,7 +245,7 @@ class FSDP2Strategy(_strategy_base()):
             if path.exists():
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
             os.replace(tmp, path)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         self.barrier()
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:

@@ -24,7 +24,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
-from vlm.evaluation.report import _font
+from vlm.evaluation.report import load_font
 
 
 @dataclass
@@ -140,7 +140,7 @@ def _draw_cells(draw: ImageDraw.ImageDraw, result: NearestTokens, left: float, t
     """`result`'s words in a rows x cols grid of cells over the box (left, top, width, height)."""
     rows, cols = result.grid
     cell_w, cell_h = width / cols, height / rows
-    font = _font(max(8, min(18, int(cell_h / 2.5))))
+    font = load_font(max(8, min(18, int(cell_h / 2.5))))
     for n, word in enumerate(result.tokens):
         r, c = divmod(n, cols)
         x0, y0 = left + c * cell_w, top + r * cell_h

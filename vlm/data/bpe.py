@@ -56,14 +56,14 @@ def train_bpe_tokenizer(texts: Iterable[str], directory: str | os.PathLike, voca
 def sample_texts(sample: dict[str, Any], caption_field: str = "caption") -> list[str]:
     """The text of one decoded shard sample: its caption (`txt` or the json field) and every conversation turn,
     `<image>` tags removed."""
-    from vlm.data.formats import _caption, _json_field
+    from vlm.data.formats import caption_text, json_field
     from vlm.data.tokens import IMAGE_TOKEN
 
     texts = []
-    caption = _caption(sample, caption_field)
+    caption = caption_text(sample, caption_field)
     if caption:
         texts.append(caption)
-    turns = _json_field(sample.get("json"), "conversations") if isinstance(sample.get("json"), dict) else None
+    turns = json_field(sample.get("json"), "conversations") if isinstance(sample.get("json"), dict) else None
     for turn in turns if isinstance(turns, list) else []:
         content = turn.get("content", turn.get("value")) if isinstance(turn, dict) else None
         if isinstance(content, str) and content.replace(IMAGE_TOKEN, "").strip():

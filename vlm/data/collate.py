@@ -9,7 +9,7 @@ import torch
 from vlm.data.processor import IGNORE_INDEX
 
 
-def _concat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+def concat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """`torch.cat` along dim 0, through numpy for CPU tensors: one thread, a plain copy. (torch's intra-op threads
     made a 20 MB concatenation take 0.5 s instead of 4 ms on a busy 2-core machine.)"""
     if all(t.device.type == "cpu" and not t.requires_grad for t in tensors):
@@ -30,7 +30,7 @@ class Parts:
         self.shape = (sum(t.shape[0] for t in self.tensors), *first.shape[1:])
 
     def materialize(self) -> torch.Tensor:
-        return _concat(self.tensors)
+        return concat(self.tensors)
 
 
 class Collator:
@@ -89,6 +89,6 @@ class Collator:
         pixels = [s["pixel_values"] for s in samples if s.get("pixel_values") is not None]
         if pixels:
             batch["pixel_values"] = (
-                Parts(pixels) if lazy and all(p.device.type == "cpu" for p in pixels) else _concat(pixels))
+                Parts(pixels) if lazy and all(p.device.type == "cpu" for p in pixels) else concat(pixels))
         batch["keys"] = [str(s.get("key", "")) for s in samples]
         return batch

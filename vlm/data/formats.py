@@ -107,7 +107,7 @@ def _meta(sample: dict[str, Any]) -> dict[str, Any]:
     return meta
 
 
-def _json_field(data: Any, field: str) -> Any:
+def json_field(data: Any, field: str) -> Any:
     """`data["a"]["b"]` for field "a.b"; None when any step is missing."""
     for part in field.split("."):
         if not isinstance(data, dict):
@@ -116,11 +116,11 @@ def _json_field(data: Any, field: str) -> Any:
     return data
 
 
-def _caption(sample: dict[str, Any], caption_field: str = "caption") -> str | None:
+def caption_text(sample: dict[str, Any], caption_field: str = "caption") -> str | None:
     """`txt` if it is non-empty, else the json's `caption_field` (dotted path; img2dataset writes "caption")."""
     text = sample.get("txt")
     if not (isinstance(text, str) and text.strip()):
-        text = _json_field(sample.get("json"), caption_field) if caption_field else None
+        text = json_field(sample.get("json"), caption_field) if caption_field else None
     if isinstance(text, str) and text.strip():
         return text.strip()
     return None
@@ -138,7 +138,7 @@ def pick_prompt(key: str, prompts: Sequence[str]) -> str:
 
 def text_record(sample: dict[str, Any], caption_field: str = "caption", **_: Any) -> Record:
     """`txt` (or the json caption) as plain text for language-model training; images are ignored."""
-    text = _caption(sample, caption_field)
+    text = caption_text(sample, caption_field)
     if text is None:
         raise SkipSample("missing_text")
     return Record(text=text, meta=_meta(sample))
@@ -152,7 +152,7 @@ def caption_record(
     The caption is `txt`, or the json's `caption_field`: img2dataset shards (`{key}.jpg`, `{key}.txt`,
     `{key}.json`) are read as they are.
     """
-    caption = _caption(sample, caption_field)
+    caption = caption_text(sample, caption_field)
     if caption is None:
         raise SkipSample("missing_caption")
     name = _default_image_field(sample)

@@ -30,7 +30,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from vlm.data.collate import Collator, Parts, _concat
+from vlm.data.collate import Collator, Parts, concat
 from vlm.data.processor import IGNORE_INDEX, TruncationError
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class PackedCollator:
                 own = s["labels"].clone()
                 own[0] = IGNORE_INDEX  # the first token is never a target: no loss across the boundary
                 labels.append(own)
-            merged.append({"input_ids": _concat([s["input_ids"] for s in samples]), "labels": _concat(labels)})
+            merged.append({"input_ids": concat([s["input_ids"] for s in samples]), "labels": concat(labels)})
             positions.append(torch.from_numpy(np.concatenate([np.arange(len(s["input_ids"])) for s in samples])))
             pixels += [s["pixel_values"] for s in samples if s.get("pixel_values") is not None]
             keys += [str(s.get("key", "")) for s in samples]
@@ -97,7 +97,7 @@ class PackedCollator:
         batch["position_ids"] = self.collator._pad(positions, 0, batch["input_ids"].shape[1])
         if pixels:
             batch["pixel_values"] = (
-                Parts(pixels) if lazy and all(p.device.type == "cpu" for p in pixels) else _concat(pixels))
+                Parts(pixels) if lazy and all(p.device.type == "cpu" for p in pixels) else concat(pixels))
         batch["keys"] = keys
         return batch
 

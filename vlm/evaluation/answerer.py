@@ -82,7 +82,7 @@ class Answerer:
 
         The prompt (and its images) is embedded once; all continuations are scored in one right-padded batch.
         """
-        from vlm.evaluation.generation import _positions
+        from vlm.evaluation.generation import positions_from_mask
 
         model = self.model
         prompt = self.prompt(messages, images)
@@ -102,7 +102,7 @@ class Answerer:
         option_embeds = model.decoder.get_input_embeddings()(ids[:, length:])
         embeds = torch.cat([prompt_embeds.expand(n, -1, -1), option_embeds], dim=1)
         logits = model.decoder(inputs_embeds=embeds, attention_mask=model.attention_bias(ids, attention),
-                               position_ids=_positions(attention), use_cache=False).logits
+                               position_ids=positions_from_mask(attention), use_cache=False).logits
         logprobs = torch.log_softmax(logits[:, length - 1 : -1].float(), dim=-1)
         targets = ids[:, length:]
         picked = logprobs.gather(-1, targets[..., None]).squeeze(-1) * attention[:, length:]

@@ -33,7 +33,8 @@ def _step_kwargs(decoder: nn.Module, cache: Any) -> dict[str, Any]:
     return kwargs
 
 
-def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip left padding: each row counts its real tokens from 0."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
@@ -88,7 +89,7 @@ def generate(
     out = decoder(
         inputs_embeds=embeds,
         attention_mask=model.attention_bias(input_ids, attention_mask),
-        position_ids=_positions(attention_mask),
+        position_ids=positions_from_mask(attention_mask),
         use_cache=use_cache,
         **step,
     )
@@ -108,7 +109,7 @@ def generate(
             out = decoder(
                 input_ids=token[:, None],
                 attention_mask=attn,
-                position_ids=_positions(attn)[:, -1:],
+                position_ids=positions_from_mask(attn)[:, -1:],
                 use_cache=True,
                 **step,
             )
@@ -118,7 +119,7 @@ def generate(
             out = decoder(
                 inputs_embeds=embeds,
                 attention_mask=model.attention_bias(ids, attn),
-                position_ids=_positions(attn),
+                position_ids=positions_from_mask(attn),
                 use_cache=False,
                 **step,
             )
@@ -133,7 +134,7 @@ def _prefill(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     out = model.decoder(
         inputs_embeds=model.embed(input_ids, pixel_values),
         attention_mask=model.attention_bias(input_ids, attention_mask),
-        position_ids=_positions(attention_mask),
+        position_ids=positions_from_mask(attention_mask),
         use_cache=True,
         **_step_kwargs(model.decoder, cache),
     )
@@ -206,7 +207,7 @@ def beam_search(
         attn = torch.cat([attn[order], torch.ones_like(attn[:, :1])], dim=1)
         cache.reorder_cache(order)
         out = model.decoder(input_ids=next_token.view(-1, 1), attention_mask=attn,
-                            position_ids=_positions(attn)[:, -1:], use_cache=True,
+                            position_ids=positions_from_mask(attn)[:, -1:], use_cache=True,
                             **_step_kwargs(model.decoder, cache))
         logprobs = torch.log_softmax(out.logits[:, -1].float(), -1)
     best: list[list[int]] = []

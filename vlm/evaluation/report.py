@@ -36,7 +36,8 @@ def write_predictions(predictions: Sequence[dict[str, Any]], path: str | Path) -
     return path
 
 
-def _font(size: int) -> ImageFont.ImageFont:
+def load_font(size: int) -> ImageFont.ImageFont:
+    """Pillow's default font at `size` px (its fixed bitmap font where Pillow lacks FreeType)."""
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow without FreeType: the fixed bitmap font
@@ -60,7 +61,7 @@ def draw_grid(
     cell: int = 224,
 ) -> Path:
     """A PNG grid: image, then `Q:` question, `P:` prediction (green if `passed(p)`, else red), `A:` answer."""
-    font = _font(13)
+    font = load_font(13)
     chars = max(12, cell // 7)
     line_height, text_lines = 16, 7
     rows = max(1, -(-len(predictions) // columns))

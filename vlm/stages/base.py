@@ -173,7 +173,7 @@ class Stage(L.LightningModule):
 
     def _trainable_buffer_keys(self) -> set[str]:
         """Persistent buffers inside the trainable parts (e.g. normalisation statistics): they change in training."""
-        from vlm.distributed import clean_key
+        from vlm.checkpointing import clean_key
 
         keys = set()
         for part in self.trainable:
@@ -306,9 +306,9 @@ class Stage(L.LightningModule):
 
     def _handle_nonfinite(self, bad: list[tuple[float, list[str]]], batch_idx: int, optimizer: Any,
                           grad_only: bool = False) -> None:
-        from vlm.callbacks import _gather_objects
+        from vlm.callbacks import gather_objects
 
-        reports = [r for rank_reports in _gather_objects(bad) for r in rank_reports]
+        reports = [r for rank_reports in gather_objects(bad) for r in rank_reports]
         keys = [k for _, ks in reports for k in ks]
         values = sorted({str(v) for v, _ in reports})
         what = "gradient norm" if grad_only else f"loss {values}"

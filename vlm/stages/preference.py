@@ -194,7 +194,7 @@ class DPOStage(GenerativeStage):
         if self._trainer is not None and self._trainer.ckpt_path:
             raise FileNotFoundError(f"resuming with reference=precomputed but the cache {path} is gone: the model "
                                     "is no longer the starting model, so it cannot be recomputed")
-        from vlm.callbacks import _gather_objects
+        from vlm.callbacks import gather_objects
 
         rank, world = datamodule._dist() if hasattr(datamodule, "_dist") else (0, 1)
         values: dict[str, tuple[float, float]] = {}
@@ -213,7 +213,7 @@ class DPOStage(GenerativeStage):
         finally:
             self.model.train(was_training)
         merged: dict[str, tuple[float, float]] = {}
-        for part in _gather_objects(values):
+        for part in gather_objects(values):
             for key, value in part.items():
                 _add_unique(merged, key, value)
         if rank == 0:
