@@ -3,8 +3,7 @@ the next one, the preemption signal, and SIGTERM (issue 17) - and resumed each t
 logged curves of an uninterrupted run of the same length.
 
 The stage is `sft` with LoRA dropout, so the RNG state matters; data come from the shapes stream with
-`num_workers=0` (the data module's own state fast-forwards the stream; `ReplayLoader` stands in for data modules
-without one). Runs that must die by SIGKILL are subprocesses (tests/scripts/resume_run.py); the others run here.
+`num_workers=0` (the data module's own state fast-forwards the stream). Runs that must die by SIGKILL are subprocesses (tests/scripts/resume_run.py); the others run here.
 """
 from __future__ import annotations
 
@@ -141,52 +140,3 @@ def test_killed_twice_and_preempted_run_resumes_to_the_uninterrupted_result(shap
                                    "--out", str(tmp_path / "from-checkpoint")])
     for key, value in load_file(rebuilt / "model.safetensors").items():
         torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=lambda m: f"{key}: {m}")
-
-
-def test_replay_loader_fast_forwards_a_data_module_without_its_own_state(tmp_path: Path) -> None:
-    """`run_stage` wraps the train loader of a data module that cannot checkpoint its position: on resume the
-    batches the interrupted run consumed are drawn again and dropped."""
-    import lightning as L
-
-    from vlm.callbacks import ReplayLoader, has_own_state, replay_train_loader
-
-    class Stream(torch.utils.data.IterableDataset):
-        def __iter__(self):
-            gen = torch.Generator().manual_seed(7)
-            while True:
-                yield torch.randn(4, 3, generator=gen)
-
-    class Data(L.LightningDataModule):
-        def train_dataloader(self):
-            return torch.utils.data.DataLoader(Stream(), batch_size=None)
-
-    class Model(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.layer = torch.nn.Linear(3, 1)
-            self.seen: list[torch.Tensor] = []
-
-        def training_step(self, batch, batch_idx):
-            self.seen.append(batch.clone())
-            return self.layer(batch).pow(2).mean()
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    def run(steps: int, ckpt_path=None, callbacks=()):
-        data, model, holder = Data(), Model(), {}
-        assert not has_own_state(data)
-        replay_train_loader(data, lambda: holder.get("trainer"))
-        trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, callbacks=list(callbacks),
-                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                            enable_checkpointing=bool(callbacks))
-        holder["trainer"] = trainer
-        trainer.fit(model, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
-        assert isinstance(trainer.train_dataloader, ReplayLoader)
-        return model.seen
-
-    straight = run(6)
-    saver = L.pytorch.callbacks.ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
-    run(3, callbacks=[saver])
-    resumed = run(6, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=3.ckpt")
-    assert len(resumed) == 3 and all(torch.equal(a, b) for a, b in zip(resumed, straight[3:]))

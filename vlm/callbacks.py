@@ -1,13 +1,10 @@
-"""Callbacks and a loader wrapper that make a run survive being stopped: exact resume and saving on preemption.
+"""Callbacks that make a run survive being stopped: exact resume and saving on preemption.
 
 - `ResumeState`: what Lightning's checkpoint lacks for an exact restart - every rank's RNG state (torch, CUDA,
   numpy, Python), and the logged metrics row of the checkpoint's own step (it is written after the checkpoint, so a
   kill in between would lose it). On resume it also carries the CSV log over: Lightning's CSV logger deletes an
   existing `metrics.csv`, so the runner moves it aside (`stash_csv_logs`) and the rows up to the checkpoint are
   written back ahead of the new ones.
-- `ReplayLoader`: data position for data modules without their own `state_dict` - Lightning saves this wrapper's
-  state with the loops and, on resume, it draws and discards the batches already consumed (exact for deterministic
-  streams such as our seeded webdataset pipeline, at the cost of re-reading them).
 - `PreemptionCheckpoint`: on the preemption signal (SLURM `--signal`, submitit's USR2) every rank finishes its step,
   a checkpoint is saved, and then the job is requeued by exactly one owner - submitit's handler when submitit started
   the job, otherwise `scontrol requeue` from rank 0 - and the run stops.
@@ -22,7 +19,7 @@ import random
 import signal
 import subprocess
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -188,63 +185,6 @@ class ResumeState(L.Callback):
             stash = path.with_name(path.name + STASH_SUFFIX)
             if stash.is_file() and not path.exists():
                 os.replace(stash, path)
-
-
-# ---- data position -----------------------------------------------------------------------------------------------
-class ReplayLoader:
-    """A train loader whose position Lightning checkpoints (it has `state_dict`/`load_state_dict`); on resume, the
-    first `__iter__` draws and drops the batches the interrupted run had consumed.
-
-    `consumed` returns that count at save time (the fit loop's ready batches of the current epoch, so batches the
-    fetcher prefetched are not counted).
-    """
-
-    def __init__(self, loader: Any, consumed: Callable[[], int]) -> None:
-        self.loader = loader
-        self.consumed = consumed
-        self._skip = 0
-
-    def __iter__(self):
-        iterator = iter(self.loader)
-        skip, self._skip = self._skip, 0
-        if skip:
-            rank_zero_info(f"resume: fast-forwarding the training stream by {skip} batches")
-        for _ in range(skip):
-            next(iterator)
-        return iterator
-
-    def __len__(self) -> int:
-        return len(self.loader)  # TypeError for streams without length, which Lightning reads as infinite
-
-    def __getattr__(self, name: str) -> Any:
-        if name in ("loader", "consumed", "_skip"):
-            raise AttributeError(name)
-        return getattr(self.loader, name)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"batches": int(self.consumed())}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self._skip = int(state.get("batches", 0))
-
-
-def has_own_state(datamodule: Any) -> bool:
-    """Whether the data module checkpoints its own stream position (then `ReplayLoader` must stay out)."""
-    return type(datamodule).state_dict is not L.LightningDataModule.state_dict
-
-
-def replay_train_loader(datamodule: Any, trainer_ref: Callable[[], Any]) -> None:
-    """Wrap `datamodule.train_dataloader` so the loader it returns is a `ReplayLoader`."""
-    original = datamodule.train_dataloader
-
-    def consumed() -> int:
-        trainer = trainer_ref()
-        return int(trainer.fit_loop.epoch_loop.batch_progress.current.ready) if trainer is not None else 0
-
-    def train_dataloader():
-        return ReplayLoader(original(), consumed)
-
-    datamodule.train_dataloader = train_dataloader
 
 
 # ---- preemption ----------------------------------------------------------------------------------------------------

@@ -66,7 +66,7 @@ def train_stage(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Path
     from lightning.pytorch.loggers import CSVLogger
     from lightning.pytorch.utilities import rank_zero_only
 
-    from vlm.callbacks import PreemptionCheckpoint, Preempted, has_own_state, replay_train_loader, stash_csv_logs
+    from vlm.callbacks import PreemptionCheckpoint, Preempted, stash_csv_logs
     from vlm.checkpointing import find_resume_checkpoint
     from vlm.distributed import cluster_plugins
     from vlm.loading import build_processor, explicit_model_keys, load_model
@@ -114,16 +114,12 @@ def train_stage(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Path
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     plugins = [instantiate(p) for p in trainer_cfg.pop("plugins", None) or []] + cluster_plugins()
-    holder: dict[str, Any] = {}
-    if not has_own_state(datamodule):  # the data layer cannot fast-forward itself: replay the consumed batches
-        replay_train_loader(datamodule, lambda: holder.get("trainer"))
     callbacks = _instantiate_all(cfg.get("callbacks"))
     if not loggers:  # logger=none: a learning-rate monitor would refuse to start
         from lightning.pytorch.callbacks import LearningRateMonitor
 
         callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
     trainer = instantiate(trainer_cfg, logger=loggers or False, callbacks=callbacks, plugins=plugins or None)
-    holder["trainer"] = trainer
     if ckpt_path is not None:
         log.info("[%s] resuming from %s", stage.stage_name, ckpt_path)
     from lightning.pytorch.utilities.exceptions import SIGTERMException

@@ -121,7 +121,6 @@ class DataModule(L.LightningDataModule):
         for source in self.sources:
             check_format(source.urls, source.format, source.caption_field, name=source.name)
         self.counters = {"train": SkipCounter(), "val": SkipCounter()}
-        self._sample_fn = SampleFn(processor, format, self.caption_prompts, caption_field)
         self.processors = ProcessorSizes(processor)
         self.schedule: ResolutionSchedule | None = None
         self.progress = StreamProgress(self.num_workers, self.batches_per_epoch)

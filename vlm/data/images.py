@@ -95,8 +95,3 @@ def image_placeholder(grid: Grid, tokens_per_image: int) -> str:
     parts.append(GLOBAL_IMAGE_TOKEN + run)
     return "".join(parts)
 
-
-def num_tiles(grid: Grid) -> int:
-    """Tiles `ImageTransform` returns for `grid` (the thumbnail included)."""
-    rows, cols = grid
-    return 1 if (rows, cols) == (1, 1) else rows * cols + 1

@@ -53,16 +53,6 @@ class GenerativeStage(Stage):
                 raise ValueError("LoRA trains the decoder's adapters: add 'decoder' to stage.trainable")
             self.model.decoder = apply_lora(self.model.decoder, self.lora)
 
-    def forward(self, batch: Mapping[str, Any]):
-        return self.model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            pixel_values=batch.get("pixel_values"),
-            labels=batch["labels"],
-            position_ids=batch.get("position_ids"),
-            packed="position_ids" in batch,
-        )
-
     def loss(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """The next-token loss over the batch's labelled tokens (logits computed only where they count); a packed
         batch (`vlm.data.packing`) carries position ids that restart at every sample."""
