@@ -146,13 +146,13 @@ def throughput(name: str, urls: list[str], field: str, processor: Processor, wor
 def _switched_loader(dm: DataModule, tar_parser: bool, pool: bool):
     """The DataModule's training loader with its workers started (forked) while the pieces are switched as asked:
     the workers keep the switch, the main process gets the originals back."""
-    import vlm.data.pipeline as pipeline
     import vlm.data.stream as stream
+    import vlm.data.tar as tar
     from vlm.data.collate import Collator
 
-    saved = pipeline._plain_path, stream.pack_batch, Collator.__call__
+    saved = tar.plain_path, stream.pack_batch, Collator.__call__
     if not tar_parser:
-        pipeline._plain_path = lambda url: False  # every shard through webdataset's tar_file_expander
+        tar.plain_path = lambda url: False  # every shard through webdataset's tar_file_expander
     if not pool:
         stream.pack_batch = lambda batch, pool=None: batch  # torch's own hand-over, tensor by tensor
         plain = Collator.__call__
@@ -162,7 +162,7 @@ def _switched_loader(dm: DataModule, tar_parser: bool, pool: bool):
         iterator = iter(loader)
         next(iterator)  # forks the workers with the switches in place
     finally:
-        pipeline._plain_path, stream.pack_batch, Collator.__call__ = saved
+        tar.plain_path, stream.pack_batch, Collator.__call__ = saved
     return loader, iterator
 
 

@@ -169,7 +169,7 @@ def test_evaluate_tasks_on_the_clip_model(shapes: Path, clip_run: Path, tmp_path
 
 
 def _test_labels(shapes: Path) -> list:
-    from vlm.data.pipeline import iterate_samples
+    from vlm.data.tar import iterate_samples
 
     return [s["json"]["label"] for s in iterate_samples(str(shapes / "test.txt"), decode_images=False)]
 

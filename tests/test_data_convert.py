@@ -16,7 +16,8 @@ from vlm.data.convert.__main__ import main
 from vlm.data.datamodule import DataModule
 from vlm.data.formats import to_record
 from vlm.data.images import ImageTransform
-from vlm.data.pipeline import SkipCounter, iterate_samples
+from vlm.data.skips import SkipCounter
+from vlm.data.tar import iterate_samples
 from vlm.data.processor import Processor
 from vlm.data.synthetic.shapes import ensure_shapes
 from vlm.data.tokens import IMAGE_TOKEN, load_tokenizer

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from vlm.data.collate import Collator, Parts
 from vlm.data.images import ImageTransform
-from vlm.data.stream import _BufferPool, pack_batch, unpack_batch
+from vlm.data.handover import BufferPool, pack_batch, unpack_batch
 
 
 def _batch(fill: int) -> dict:
@@ -42,12 +42,12 @@ def _check(batch: dict, fill: int) -> None:
     assert batch["keys"] == [f"k{fill}", "x"] and batch["stream"] == {"position": fill}
 
 
-def _held(pool: _BufferPool) -> list[int]:
+def _held(pool: BufferPool) -> list[int]:
     return [int(s.buffer.numpy()[0]) for s in pool.slots]
 
 
 def test_round_trip_and_reuse_only_after_release() -> None:
-    pool = _BufferPool(size=4)
+    pool = BufferPool(size=4)
     first = unpack_batch(pack_batch(_batch(1), pool))
     _check(first, 1)
     assert _held(pool) == [1]
@@ -68,7 +68,7 @@ def test_round_trip_and_reuse_only_after_release() -> None:
 
 
 def test_pool_is_bounded_and_grows_for_larger_batches() -> None:
-    pool = _BufferPool(size=2)
+    pool = BufferPool(size=2)
     held = [unpack_batch(pack_batch(_batch(i), pool)) for i in range(4)]  # never released: fresh buffers
     assert len(pool.slots) == 2
     for i, batch in enumerate(held):
@@ -81,7 +81,7 @@ def test_pool_is_bounded_and_grows_for_larger_batches() -> None:
 
 
 def test_received_batch_releases_its_buffer_even_unread() -> None:
-    pool = _BufferPool(size=4)
+    pool = BufferPool(size=4)
     packed = pack_batch(_batch(5), pool)
     buffer = io.BytesIO()
     ForkingPickler(buffer, pickle.HIGHEST_PROTOCOL).dump(packed)  # as a DataLoader worker sends it
@@ -117,7 +117,7 @@ def test_through_dataloader_workers(hold: bool, monkeypatch) -> None:
     descriptor crosses over once, later batches in it name it by number."""
     import torch.multiprocessing.reductions as reductions
 
-    from vlm.data import stream
+    from vlm.data import handover
 
     received = _RECEIVED
     received.clear()
@@ -135,16 +135,16 @@ def test_through_dataloader_workers(hold: bool, monkeypatch) -> None:
             _check(batch, fill)
         del held, batch
     pids = {w.pid for w in loader._iterator._workers}
-    mapped = [key for key in stream._MAPPED if key[0] in pids]
-    assert 0 < len(mapped) <= 2 * stream._POOL_SIZE  # forgotten buffers were unmapped
+    mapped = [key for key in handover._MAPPED if key[0] in pids]
+    assert 0 < len(mapped) <= 2 * handover.POOL_SIZE  # forgotten buffers were unmapped
     if hold:  # every batch of an epoch held: each a fresh buffer, then the pools' ones again after the epoch
-        assert len(received) == 48 - 2 * stream._POOL_SIZE
+        assert len(received) == 48 - 2 * handover.POOL_SIZE
     else:
         assert len(received) < 20  # 48 batches
     del loader
     gc.collect()
-    stream._forget_exited_workers()
-    assert not [key for key in stream._MAPPED if key[0] in pids]
+    handover._forget_exited_workers()
+    assert not [key for key in handover._MAPPED if key[0] in pids]
 
 
 def test_lazy_collate_matches_eager() -> None:
@@ -154,7 +154,7 @@ def test_lazy_collate_matches_eager() -> None:
     lazy = Collator(0)(samples, lazy=True)
     assert isinstance(lazy["pixel_values"], Parts)
     assert torch.equal(lazy["pixel_values"].materialize(), eager["pixel_values"])
-    packed = unpack_batch(pack_batch(lazy, _BufferPool()))
+    packed = unpack_batch(pack_batch(lazy, BufferPool()))
     for key in ("input_ids", "attention_mask", "labels", "pixel_values"):
         assert torch.equal(packed[key], eager[key])
 

@@ -14,7 +14,8 @@ from PIL import Image
 from vlm.data.datamodule import DataModule
 from vlm.data.formats import SkipSample, conversation_record, to_record
 from vlm.data.images import ImageTransform
-from vlm.data.pipeline import expand_shards, iterate_samples
+from vlm.data.shards import expand_shards
+from vlm.data.tar import iterate_samples
 from vlm.data.processor import IGNORE_INDEX, Processor
 from vlm.data.synthetic.shapes import ensure_shapes
 from vlm.data.tokens import load_tokenizer
@@ -157,7 +158,7 @@ def test_epoch_mode_covers_every_sample_once_across_workers(shapes: Path, proces
 
 def test_a_bug_in_processing_is_raised_not_skipped() -> None:
     """Bad data is skipped and counted; a programming error (here a TypeError) must surface."""
-    from vlm.data.pipeline import SkipCounter
+    from vlm.data.skips import SkipCounter
 
     counter = SkipCounter()
     handler = counter.handler("processing_error")

@@ -11,10 +11,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from vlm.data.datamodule import DataModule
-from vlm.data.resolution import ResolutionSchedule, tokens_per_image_at
+from vlm.data.resolution import ResolutionSchedule
 from vlm.data.synthetic.shapes import ensure_shapes
 from vlm.loading import build_processor, load_model
 from vlm.stages.generative import GenerativeStage
+from vlm.stages.resolution import tokens_per_image_at
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -62,7 +63,8 @@ def test_fit_across_a_switch(shapes: Path) -> None:
     processor = build_processor(model, tokenizer)
     assert processor.tokens_per_image == 64
     dm = DataModule(processor, str(shapes / "train.txt"), val=str(shapes / "val.txt"), format="conversation",
-                    batch_size=2, num_workers=2, shuffle_buffer=10, resolution_schedule={0: 32, 1: 48})
+                    batch_size=2, num_workers=2, shuffle_buffer=10, resolution_schedule={0: 32, 1: 48},
+                    tokens_per_image_at=lambda size: tokens_per_image_at(model, size))
     stage = GenerativeStage(model, trainable=["encoder", "projector"], optim={"lr": 1e-3, "warmup_steps": 0})
     seen: list[tuple] = []
 

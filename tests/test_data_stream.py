@@ -273,7 +273,7 @@ def test_data_configs_instantiate(shapes, processor, data) -> None:
 def test_two_phase_processing_equals_one_by_one(tmp_path, processor, monkeypatch) -> None:
     """Images per sample, then the batch's text in a row (`Processor.prepare` / `finish`): the same batches, raw
     positions and skips as processing each sample whole, with bad samples failing in either phase."""
-    from vlm.data.pipeline import SampleFn
+    from vlm.data.stream import SampleFn
 
     urls = []
     for shard in range(4):  # 5 good samples each: 6 full batches and a partial one

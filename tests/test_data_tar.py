@@ -10,8 +10,9 @@ import pytest
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tarfile_samples
 
-import vlm.data.pipeline as pipeline
-from vlm.data.pipeline import tar_files
+import vlm.data.tar as tar_reader
+from vlm.data.skips import SkipCounter
+from vlm.data.tar import tar_files
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE, **extra) -> None:
@@ -112,8 +113,8 @@ BROKEN = ["empty", "cut_data", "cut_header", "bad_checksum", "bad_field"]  # web
 @pytest.mark.parametrize("name", REGULAR + ["gzip"])
 def test_same_samples_as_webdataset(shards, name, monkeypatch) -> None:
     fallbacks = []
-    real = pipeline.tar_file_expander
-    monkeypatch.setattr(pipeline, "tar_file_expander", lambda *a, **k: fallbacks.append(1) or real(*a, **k))
+    real = tar_reader.tar_file_expander
+    monkeypatch.setattr(tar_reader, "tar_file_expander", lambda *a, **k: fallbacks.append(1) or real(*a, **k))
     fast, reference, ours, theirs = _both([shards[name]])
     assert fast == reference
     assert ours == theirs == []
@@ -141,10 +142,10 @@ def test_a_cut_sample_is_dropped(shards) -> None:
 
 
 def test_errors_name_the_shard(shards) -> None:
-    counter = pipeline.SkipCounter()
+    counter = SkipCounter()
     failed: set[str] = set()
     urls = [shards[n] for n in BROKEN + ["writer"]]
-    samples = list(pipeline.raw_samples(urls, counter, failed=failed))
+    samples = list(tar_reader.raw_samples(urls, counter, failed=failed))
     assert counter.counts() == {"read_error": len(BROKEN)}
     assert [s["__key__"] for s in samples][-5:] == [f"s{i:03d}" for i in range(5)]
     assert failed == {shards["empty"]}  # nothing read from it: a resampled stream does not draw it again
@@ -163,8 +164,8 @@ def test_a_stream_of_mixed_shards(shards) -> None:
 
 
 def test_raw_samples_reads_through_the_fast_reader(shards, monkeypatch) -> None:
-    monkeypatch.setattr(pipeline, "tar_file_expander", lambda *a, **k: pytest.fail("fell back to tarfile"))
-    counter = pipeline.SkipCounter()
-    samples = list(pipeline.raw_samples([shards["writer"], shards["pax"]], counter))
+    monkeypatch.setattr(tar_reader, "tar_file_expander", lambda *a, **k: pytest.fail("fell back to tarfile"))
+    counter = SkipCounter()
+    samples = list(tar_reader.raw_samples([shards["writer"], shards["pax"]], counter))
     assert [s["__key__"] for s in samples[:5]] == [f"s{i:03d}" for i in range(5)]
     assert samples[0]["jpg"] == b"\x00" * 700 and not counter.counts()

@@ -270,7 +270,7 @@ def test_converters_from_trl_and_rlaif_v_skip_and_count_bad_pairs(tmp_path):
     from PIL import Image
 
     from vlm.data.convert.__main__ import main
-    from vlm.data.pipeline import iterate_samples
+    from vlm.data.tar import iterate_samples
 
     Image.new("RGB", (8, 8), (200, 0, 0)).save(tmp_path / "a.png")
     outside = tmp_path.parent / f"{tmp_path.name}-outside.png"

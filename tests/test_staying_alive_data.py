@@ -20,7 +20,10 @@ from vlm.data.convert.__main__ import main as convert
 from vlm.data.datamodule import DataModule
 from vlm.data.formats import to_record
 from vlm.data.images import ImageTransform
-from vlm.data.pipeline import NoUsableSamples, SkipCounter, decode_sample, expand_shards, iterate_samples
+from vlm.data.formats import decode_sample
+from vlm.data.shards import expand_shards
+from vlm.data.skips import NoUsableSamples, SkipCounter
+from vlm.data.tar import iterate_samples
 from vlm.data.processor import Processor
 from vlm.data.synthetic.shapes import ensure_shapes
 from vlm.data.tokens import load_tokenizer

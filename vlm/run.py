@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,7 @@ def train_stage(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Path
     from vlm.checkpointing import find_resume_checkpoint
     from vlm.distributed import cluster_plugins
     from vlm.loading import build_processor, explicit_model_keys, load_model
+    from vlm.stages.resolution import tokens_per_image_at
 
     if not cfg.get("stage"):
         raise ValueError("no stage chosen: pass stage=lm|align|sft|clip")
@@ -99,7 +101,7 @@ def train_stage(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Path
         warn_foreign_tokenizer(_plain(cfg.model), list(cfg.stage.get("trainable") or []), data_cfg)
     model, tokenizer = load_model(_plain(cfg.model), cfg.get("init_from"), cfg.init_model_keys)
     processor = build_processor(model, tokenizer)
-    datamodule = instantiate(data_cfg)(processor=processor)
+    datamodule = instantiate(data_cfg)(processor=processor, tokens_per_image_at=partial(tokens_per_image_at, model))
     stage = instantiate(cfg.stage, model=model, optim=_plain(cfg.optim), _convert_="all")
     stage.base_weights = {"init_from": cfg.get("init_from"), "seed": cfg.seed, "model": _plain(cfg.model)}
     guards = cfg.get("guards") or {}

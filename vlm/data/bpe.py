@@ -78,7 +78,7 @@ def _specs(shards: str | Sequence[str]) -> list[str]:
 
 def shard_texts(shards: str | Sequence[str], caption_field: str = "caption") -> Iterator[str]:
     """Every caption and conversation turn in the shards, in shard order (images are not decoded)."""
-    from vlm.data.pipeline import iterate_samples
+    from vlm.data.tar import iterate_samples
 
     for sample in iterate_samples(_specs(shards), decode_images=False):
         yield from sample_texts(sample, caption_field)
@@ -86,7 +86,7 @@ def shard_texts(shards: str | Sequence[str], caption_field: str = "caption") -> 
 
 def shard_origins(shards: str | Sequence[str]) -> list[str]:
     """Where shards live: the absolute directories of local ones, the URLs of the others (sorted, unique)."""
-    from vlm.data.pipeline import expand_shards
+    from vlm.data.shards import expand_shards
 
     origins = set()
     for url in expand_shards(_specs(shards)):

@@ -74,7 +74,7 @@ class Collator:
         return torch.from_numpy(mask)
 
     def __call__(self, samples: Sequence[dict[str, Any]], lazy: bool = False) -> dict[str, Any]:
-        """lazy: `pixel_values` as `Parts` (for `vlm.data.stream.pack_batch`, which concatenates them into shared
+        """lazy: `pixel_values` as `Parts` (for `vlm.data.handover.pack_batch`, which concatenates them into shared
         memory) instead of one tensor."""
         if not samples:
             raise ValueError("cannot collate an empty batch")

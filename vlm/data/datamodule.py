@@ -6,14 +6,16 @@ The Hydra config instantiates this with `_partial_: true`; the stage runner then
 One source (`train`, `val`, `format`) or a mixture (`sources: {name: {train, val, format, weight, ...}}`), each
 source with its own shard shuffling and sample buffer, mixed per sample in proportion to the weights. The training
 stream (`vlm.data.stream`) is a deterministic function of (seed, rank, worker, position); the module's
-`state_dict()` records the batches served, so a resumed run fast-forwards to exactly where it stopped. It also
-keeps the model's encoder on the resolution each batch was built at (`resolution_schedule`) and logs skip counts.
+`state_dict()` records the batches served, so a resumed run fast-forwards to exactly where it stopped. With a
+`resolution_schedule` each batch is built at its step's image size (the stage switches the encoder to it,
+`vlm.stages.resolution`); the DataModule knows only `tokens_per_image_at`, a callable the runner passes. It also
+logs skip counts.
 """
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import lightning as L
 import torch
@@ -21,11 +23,12 @@ import torch
 from vlm.data.collate import Collator
 from vlm.data.formats import FORMATS
 from vlm.data.packing import packing_for
-from vlm.data.pipeline import (
-    DEFAULT_MAX_CONSECUTIVE_SKIPS, SampleFn, SkipCounter, Source, check_format, dist_info, expand_shards,
-)
-from vlm.data.resolution import ProcessorSizes, ResolutionSchedule, match_batch_resolution, tokens_per_image_at
-from vlm.data.stream import StreamDataset, StreamLoader, StreamProgress, StreamState
+from vlm.data.loader import StreamLoader, StreamProgress
+from vlm.data.resolution import ProcessorSizes, ResolutionSchedule
+from vlm.data.shards import Source, dist_info, expand_shards
+from vlm.data.skips import DEFAULT_MAX_CONSECUTIVE_SKIPS, SkipCounter
+from vlm.data.stream import SampleFn, StreamDataset, StreamState
+from vlm.data.tar import check_format
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,8 @@ class DataModule(L.LightningDataModule):
     batches_per_epoch: virtual epochs of this many batches per rank (webdataset's `with_epoch`, counted in batches
     over all workers); None = unbounded (resampled) or one pass over the shards.
     resolution_schedule: `{step: image_size}` within the stage, e.g. `{0: 224, 1000: 336}` (optimizer steps).
+    tokens_per_image_at: image size -> `<image>` tokens per tile at that size (the runner passes the model's,
+    `vlm.stages.resolution.tokens_per_image_at`); needed only by a resolution schedule whose processor writes them.
     val_batches: cap on validation batches (the same first batches every time); None = the whole val set.
     caption_field: json field that holds the caption when a sample has no `txt` (img2dataset: "caption").
     packing: training rows of several whole samples, best-fit into `pack_length` tokens (default: the processor's
@@ -90,6 +95,7 @@ class DataModule(L.LightningDataModule):
         packing: bool = False,
         pack_length: int | None = None,
         pack_buffer: int = 512,
+        tokens_per_image_at: Callable[[int], int] | None = None,
     ):
         super().__init__()
         if format not in FORMATS:
@@ -124,7 +130,7 @@ class DataModule(L.LightningDataModule):
         self.processors = ProcessorSizes(processor)
         self.schedule: ResolutionSchedule | None = None
         self.progress = StreamProgress(self.num_workers, self.batches_per_epoch)
-        self._model: Any = None
+        self.tokens_per_image_at = tokens_per_image_at
         self._restored: dict[str, Any] | None = None
         self._last_logged_step = -1
 
@@ -177,7 +183,8 @@ class DataModule(L.LightningDataModule):
                            caption_field=self.caption_field, val_urls=expand_shards(val, self.allow_missing_shards))]
         return [s for s in self.sources if s.val_urls]
 
-    def _sample_fns(self, sources: Sequence[Source]) -> list[SampleFn]:
+    def sample_fns(self, sources: Sequence[Source]) -> list[SampleFn]:
+        """One sample function per source (its format, prompts and caption field; this module's processor)."""
         return [SampleFn(self.processor, s.format, s.caption_prompts, s.caption_field) for s in sources]
 
     @property
@@ -188,21 +195,12 @@ class DataModule(L.LightningDataModule):
             return PreferenceCollator(self.processor.pad_token_id, padding_side="right")
         return Collator(self.processor.pad_token_id, padding_side="right")
 
-    def _dist(self) -> tuple[int, int]:
+    def dist(self) -> tuple[int, int]:
+        """(rank, world size): the trainer's when attached, else torch.distributed's or the environment's."""
         trainer = self.trainer
         if trainer is not None:
             return int(trainer.global_rank), int(trainer.world_size)
         return dist_info()
-
-    def set_model(self, model: Any) -> None:
-        """The model whose tokens per image a resolution schedule needs (found via the trainer when attached)."""
-        self._model = model
-
-    def _the_model(self) -> Any:
-        if self._model is not None:
-            return self._model
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        return getattr(module, "model", None)
 
     def _prepare_schedule(self) -> None:
         """Resolve the schedule (accumulation from the trainer) and tokens per image at each of its sizes."""
@@ -214,12 +212,11 @@ class DataModule(L.LightningDataModule):
             return  # e.g. a dual encoder's processor: pixels only
         missing = [s for s in self.schedule.sizes if s != self.processors.base_size and s not in self.processors.tokens]
         if missing:
-            model = self._the_model()
-            if model is None or not hasattr(model, "encoder"):
-                raise ValueError("a resolution schedule needs the model's tokens per image: call set_model(model) "
-                                 "or fit with a LightningModule that has `.model`")
+            if self.tokens_per_image_at is None:
+                raise ValueError("a resolution schedule needs the tokens per image at each size: pass "
+                                 "tokens_per_image_at=... (the runner passes the model's)")
             for size in missing:
-                self.processors.tokens[size] = tokens_per_image_at(model, size)
+                self.processors.tokens[size] = int(self.tokens_per_image_at(size))
             if self.processors.base_size is not None:
                 self.processors.tokens[self.processors.base_size] = int(self.processor.tokens_per_image)
 
@@ -243,7 +240,7 @@ class DataModule(L.LightningDataModule):
     # ------------------------------------------------------------ loaders
 
     def train_dataloader(self) -> StreamLoader:
-        rank, world = self._dist()
+        rank, world = self.dist()
         self._check_shard_counts(world)
         self._prepare_schedule()
         self._apply_restored(rank, world)
@@ -254,7 +251,7 @@ class DataModule(L.LightningDataModule):
             log.warning("resuming at step %d without data-stream state: the stream is re-seeded from the step "
                         "count (no exact continuation)", self.trainer.global_step)
         dataset = StreamDataset(
-            self.sources, self._sample_fns(self.sources), self.processors, self.collator, self.counters["train"],
+            self.sources, self.sample_fns(self.sources), self.processors, self.collator, self.counters["train"],
             StreamState(self.num_workers), self.batch_size, self.num_workers, train=True,
             resampled=self.resampled, seed=self.seed, shuffle_buffer=self.shuffle_buffer,
             shardshuffle=self.shardshuffle, schedule=self.schedule, rank=rank, world_size=world,
@@ -279,14 +276,14 @@ class DataModule(L.LightningDataModule):
         # more workers than shards would only idle; one pass in shard order keeps validation comparable
         workers = min(self.num_workers, len(self.val_urls))
         dataset = StreamDataset(
-            self.val_sources, self._sample_fns(self.val_sources), self.processors, self.collator,
+            self.val_sources, self.sample_fns(self.val_sources), self.processors, self.collator,
             self.counters["val"], StreamState(workers), self.batch_size, workers, train=False, seed=self.seed,
             rank=rank, world_size=world, max_consecutive_skips=self.max_consecutive_skips,
         )
         return StreamLoader(dataset, image_size=self.current_image_size, limit=self.val_batches,
                             **self._loader_args(workers))
 
-    # ------------------------------------------------------------ serving, resolution, logging
+    # ------------------------------------------------------------ serving, logging
 
     def record_batch(self, batch: Mapping[str, Any]) -> None:
         """Count one training batch as served (the Lightning hook does this; call it when looping by hand)."""
@@ -301,9 +298,6 @@ class DataModule(L.LightningDataModule):
         if trainer.training:
             self.record_batch(batch)
             self._log_progress(trainer)
-        model = self._the_model()
-        if model is not None:
-            match_batch_resolution(model, batch, trainer.optimizers, self.processors.tokens)
         return batch
 
     def _log_progress(self, trainer: Any) -> None:
@@ -350,7 +344,7 @@ class DataModule(L.LightningDataModule):
 
     def state_dict(self) -> dict[str, Any]:
         """Batches served and, per rank and worker stream, the raw position reached (saved in checkpoints)."""
-        rank, world = self._dist()
+        rank, world = self.dist()
         state = {**self.progress.state_dict(), **self._signature(world)}
         positions = torch.tensor(self.progress.positions, dtype=torch.long)
         if world > 1 and self.trainer is not None:  # every rank dumps the checkpoint; rank 0 writes it

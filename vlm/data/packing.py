@@ -152,7 +152,7 @@ class Packer:
     def batches(self, dataset: Any, epoch: int, stream: int, workers: int, worker: int, salt: int, base: int,
                 cursor: int, quota: int | None, in_worker: bool) -> Iterator[dict[str, Any]]:
         """The packed batches of one logical stream from `cursor` on (`StreamDataset.__iter__`'s loop, packed)."""
-        from vlm.data.stream import pack_batch
+        from vlm.data.handover import pack_batch
 
         position, served = divmod(int(cursor), ROWS_PER_CHUNK)
         raw, handler = dataset.open_raw(epoch, stream, workers, salt, position)

@@ -11,9 +11,9 @@ batch carries `batch["stream"] = {"worker", "epoch", "position", "index", "image
 came from and the raw position just after its last sample (packed: a cursor into the packing buffer's chunk,
 `vlm.data.packing`).
 
-`StreamProgress` (main process) records the batches served to training; `StreamLoader.__iter__` hands the workers,
-through shared memory, where to start: epoch, first batch index, and per logical stream the raw position to
-fast-forward to (skipping raw samples, never decoding them). Resuming after k batches with k % W = r, physical
+`StreamProgress` (main process, `vlm.data.loader`) records the batches served to training; `StreamLoader.__iter__`
+hands the workers, through shared memory (`StreamState`), where to start: epoch, first batch index, and per logical
+stream the raw position to fast-forward to (skipping raw samples, never decoding them). Resuming after k batches with k % W = r, physical
 worker w reads logical stream (w + r) % W, which continues the round robin exactly where it stopped.
 """
 from __future__ import annotations
@@ -22,228 +22,23 @@ import itertools
 import logging
 import math
 import multiprocessing
-import os
 import random
-import weakref
 from typing import Any, Callable, Iterator, Sequence
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import IterableDataset
 
-from vlm.data.collate import Collator, Parts
-from vlm.data.pipeline import (
-    DEFAULT_MAX_CONSECUTIVE_SKIPS, NoUsableSamples, SampleFn, SkipCounter, SkipRun, Source, mix_samples, raw_samples,
-    shard_assignment,
-)
+from vlm.data.collate import Collator
+from vlm.data.formats import decode_sample, to_record
+from vlm.data.handover import pack_batch
 from vlm.data.resolution import ProcessorSizes, ResolutionSchedule
+from vlm.data.shards import Source, resample_shards, shard_assignment
+from vlm.data.skips import DEFAULT_MAX_CONSECUTIVE_SKIPS, SkipCounter, SkipRun
+from vlm.data.tar import raw_samples
 
 log = logging.getLogger(__name__)
 
 _HEADER = ("epoch", "base", "rotation", "remaining", "image_size", "salt")
-
-# ---------------------------------------------------------------- batch hand-over through shared memory
-
-_ALIGN = 64          # every tensor of a packed buffer starts at a multiple of this (any dtype's alignment)
-_POOL_SIZE = 6       # shared buffers a worker keeps for reuse (batches in flight: prefetch_factor, plus those held)
-
-
-def _new_shared(nbytes: int) -> torch.Tensor:
-    """A uint8 tensor of `nbytes` in fresh shared memory (no zero-filled copy first, as `share_memory_` makes)."""
-    return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(nbytes))
-
-
-class _Slot:
-    """One buffer of a worker's pool: its number in the pool, and whether the main process has mapped it yet."""
-
-    __slots__ = ("buffer", "number", "sent")
-
-    def __init__(self, buffer: torch.Tensor, number: int):
-        self.buffer, self.number, self.sent = buffer, number, False
-
-
-class _BufferPool:
-    """A worker's shared-memory buffers, reused once the main process has let go of the batch in them.
-
-    Fresh shared memory costs a page fault per 4 KiB page on first write (about 15 ms for the 19 MB of a batch of
-    32 images at 224 px, as much as the tensors' copy ten times over); a reused buffer is already mapped. Byte 0 of
-    each buffer says who holds it: 1 from `take` in the worker until the main process drops every tensor of the
-    batch (`_Lease`), then 0. A buffer still held is never written; when none is free a new one is made, and a
-    full pool forgets its oldest (still held by the main process, e.g. a batch kept in a list: freed there when
-    dropped, just not reused).
-
-    The main process keeps its mapping of each buffer (`_MAPPED`), so a buffer's file descriptor crosses over once,
-    not with every batch (torch passes one through a socket with an authentication handshake each time), and the
-    main process does not fault the pages in again each time it reads a batch. Forgotten buffers are named in the
-    next batch, and the main process unmaps them.
-    """
-
-    def __init__(self, size: int = _POOL_SIZE):
-        self.size = size
-        self.slots: list[_Slot] = []
-        self.forgotten: list[int] = []
-        self.pid = os.getpid()
-        self._numbers = itertools.count()
-
-    def take(self, nbytes: int) -> _Slot:
-        """A buffer of at least `nbytes` (header included), marked held."""
-        if self.pid != os.getpid():  # a forked worker: its parent's buffers are shared with the parent, not its own
-            self.slots, self.forgotten, self.pid = [], [], os.getpid()
-        free = [s for s in self.slots if s.buffer.numpy()[0] == 0]
-        fitting = [s for s in free if s.buffer.numel() >= nbytes]
-        if fitting:
-            chosen = min(fitting, key=lambda s: s.buffer.numel())
-        else:
-            # free ones are all too small: they would only ever be passed over
-            drop = [s for s in self.slots if any(s is f for f in free)]
-            if len(self.slots) - len(drop) >= self.size:
-                drop.append(next(s for s in self.slots if not any(s is d for d in drop)))
-            self.slots = [s for s in self.slots if not any(s is d for d in drop)]
-            self.forgotten += [s.number for s in drop if s.sent]
-            # slack for the next batches' longer texts or extra tiles, in whole pages
-            chosen = _Slot(_new_shared(-(-(nbytes + nbytes // 8) // 4096) * 4096), next(self._numbers))
-            self.slots.append(chosen)
-        chosen.buffer.numpy()[0] = 1
-        return chosen
-
-    def pop_forgotten(self) -> list[int]:
-        forgotten, self.forgotten = self.forgotten, []
-        return forgotten
-
-
-_POOL = _BufferPool()
-_MAPPED: dict[tuple[int, int], torch.Tensor] = {}  # main process: (worker pid, buffer number) -> its mapping
-
-
-class _Lease:
-    """Held (through numpy's `base`) by every tensor `unpack_batch` makes from one buffer; when the last of them
-    is gone, byte 0 of the buffer is set to 0 and the worker may write the buffer again."""
-
-    def __init__(self, buffer: torch.Tensor):
-        self.__array_interface__ = {"data": (buffer.data_ptr(), False), "shape": (buffer.numel(),),
-                                    "typestr": "|u1", "version": 3}
-        self.buffer = buffer
-        weakref.finalize(self, _release, buffer[:1].numpy())
-
-
-def _release(flag: np.ndarray) -> None:
-    flag[0] = 0
-
-
-class _Packed:
-    """A packed batch's buffer and layout. Pickled (worker -> main) as the buffer's pool number and the layout,
-    plus the buffer itself (torch shares its memory by file descriptor) the first time; the receiving side takes
-    the lease, so dropping a batch unread also frees it."""
-
-    def __init__(self, buffer: torch.Tensor, layout: list[tuple], order: list[str], slot: _Slot | None = None,
-                 forgotten: list[int] | None = None):
-        self.buffer, self.layout, self.order = buffer, layout, order
-        self.slot, self.forgotten = slot, forgotten or []
-
-    def __reduce__(self) -> tuple:
-        if self.slot is None:
-            return _received, (self.buffer, self.layout, self.order)
-        first = not self.slot.sent  # pickled once per batch, in order, by the worker's queue thread
-        self.slot.sent = True
-        return _received, (self.buffer if first else None, self.layout, self.order,
-                           (os.getpid(), self.slot.number, self.forgotten))
-
-    def pin_memory(self, device: Any = None) -> "_Packed":
-        """DataLoader(pin_memory=True): the whole buffer copied to pinned memory at once (the shared one is
-        released when this object goes)."""
-        pinned = self.buffer.pin_memory() if device is None else self.buffer.pin_memory(device)
-        return _Packed(pinned, self.layout, self.order)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        lease = getattr(self, "lease", None)
-        if lease is None and self.buffer.is_shared():  # unpacked in the process that packed it
-            lease = self.lease = _Lease(self.buffer)
-        raw = np.asarray(lease) if lease is not None else self.buffer.numpy()
-        out = {}
-        for key, start, dtype, shape in self.layout:
-            size = math.prod(shape) * _itemsize(dtype)
-            out[key] = torch.from_numpy(raw[start : start + size]).view(dtype).view(shape)
-        return out
-
-
-def _received(buffer: torch.Tensor | None, layout: list[tuple], order: list[str],
-              pooled: tuple[int, int, list[int]] | None = None) -> _Packed:
-    if pooled is not None:
-        pid, number, forgotten = pooled
-        for gone in forgotten:
-            _MAPPED.pop((pid, gone), None)
-        if buffer is not None:
-            _forget_exited_workers()
-            _MAPPED[(pid, number)] = buffer
-        else:
-            buffer = _MAPPED.get((pid, number))
-            if buffer is None:
-                raise RuntimeError(f"batch in buffer {number} of worker {pid}, which this process never received")
-    packed = _Packed(buffer, layout, order)
-    packed.lease = _Lease(buffer)
-    return packed
-
-
-def _forget_exited_workers() -> None:
-    """Unmap the buffers of workers that have exited (a finished DataLoader's), so their memory is freed."""
-    alive = {p.pid for p in multiprocessing.active_children()} | {os.getpid()}
-    for key in [k for k in _MAPPED if k[0] not in alive]:
-        del _MAPPED[key]
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def _is_cpu_tensor(value: Any) -> bool:
-    return isinstance(value, Parts) or (isinstance(value, torch.Tensor) and value.device.type == "cpu")
-
-
-def pack_batch(batch: dict[str, Any], pool: _BufferPool | None = None) -> dict[str, Any]:
-    """In a worker: every CPU tensor of the batch (and `Parts`) copied into one shared-memory buffer.
-
-    torch's default hand-over shares each tensor separately, and each costs a round trip to the worker over a
-    socket to pass its file descriptor; on a busy machine that is milliseconds per tensor, several per batch.
-    One buffer costs one round trip. Buffers come from the worker's pool (reused once the main process has
-    dropped the batch's tensors). `unpack_batch` (in `StreamLoader`) gives back views of it, zero-copy.
-    """
-    tensors = [(k, v) for k, v in batch.items() if _is_cpu_tensor(v)]
-    if not tensors:
-        return batch
-    layout, offset = [], _ALIGN  # bytes before the first tensor: the buffer's header (byte 0: held flag)
-    for key, value in tensors:
-        offset = -(-offset // _ALIGN) * _ALIGN
-        layout.append((key, offset, value.dtype, tuple(value.shape)))
-        offset += math.prod(value.shape) * _itemsize(value.dtype)
-    pool = pool or _POOL
-    slot = pool.take(offset)
-    buffer = slot.buffer
-    raw = buffer.numpy()
-    for (key, start, dtype, _), (_, value) in zip(layout, tensors):
-        for part in value.tensors if isinstance(value, Parts) else [value]:
-            size = part.numel() * _itemsize(dtype)
-            target = raw[start : start + size]
-            if part.is_contiguous():  # numpy: one thread, a plain copy
-                target[:] = part.reshape(-1).view(torch.uint8).numpy()
-            else:  # one strided copy straight into place, not .contiguous() and then a copy
-                target = torch.from_numpy(target).view(dtype).view(part.shape)
-                try:
-                    np.copyto(target.numpy(), part.numpy())
-                except TypeError:  # a dtype numpy lacks (bfloat16)
-                    target.copy_(part)
-            start += size
-    packed = {k: v for k, v in batch.items() if not _is_cpu_tensor(v)}
-    packed["__packed__"] = _Packed(buffer, layout, list(batch), slot, pool.pop_forgotten())
-    return packed
-
-
-def unpack_batch(batch: Any) -> Any:
-    """The batch `pack_batch` packed, its tensors as views of the shared buffer, keys in their order."""
-    if not isinstance(batch, dict) or "__packed__" not in batch:
-        return batch
-    packed = batch.pop("__packed__")
-    tensors = packed.tensors()
-    return {k: tensors[k] if k in tensors else batch[k] for k in packed.order}
 
 
 class StreamState:
@@ -273,6 +68,61 @@ class StreamState:
         out: dict[str, Any] = dict(zip(_HEADER, values[: len(_HEADER)]))
         out["positions"] = values[len(_HEADER):]
         return out
+
+
+class SampleFn:
+    """Raw sample -> decoded -> Record -> processor output (picklable, so spawned workers can run it).
+
+    `processor` passed to the call overrides the default one (another image size, see `vlm.data.resolution`).
+    """
+
+    def __init__(
+        self,
+        processor: Callable[[Any], dict[str, Any]] | None,
+        format: str,
+        caption_prompts: Sequence[str] | None = None,
+        caption_field: str = "caption",
+    ):
+        self.processor = processor
+        self.format = format
+        self.caption_prompts = list(caption_prompts) if caption_prompts else None
+        self.caption_field = caption_field
+
+    def __call__(self, sample: dict[str, Any], processor: Callable[[Any], dict[str, Any]] | None = None) -> Any:
+        decoded = decode_sample(sample, images=self.format != "text")
+        record = to_record(decoded, self.format, self.caption_prompts, self.caption_field)
+        return (processor or self.processor)(record)
+
+    def prepare(self, sample: dict[str, Any], processor: Callable[[Any], dict[str, Any]] | None = None) -> Any:
+        """The first half of the call, for processors that split theirs (`Processor.prepare` / `finish`): returns
+        (processor, prepared), its `finish` still to run; other processors run whole: (None, result)."""
+        decoded = decode_sample(sample, images=self.format != "text")
+        record = to_record(decoded, self.format, self.caption_prompts, self.caption_field)
+        processor = processor or self.processor
+        if callable(getattr(processor, "prepare", None)) and callable(getattr(processor, "finish", None)):
+            return processor, processor.prepare(record)
+        return None, processor(record)
+
+
+def mix_samples(
+    streams: Sequence[Iterator[dict[str, Any]]], weights: Sequence[float], rng: random.Random
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(source index, sample), each draw from source i with probability weight_i / sum of live weights.
+
+    Seeded (unlike webdataset's RandomMix, which draws from the global `random`); a source that ends is dropped
+    and the rest keep their relative weights. One source: no draws at all.
+    """
+    live = [i for i, w in enumerate(weights) if w > 0]
+    if len(live) == 1:
+        for sample in streams[live[0]]:
+            yield live[0], sample
+        return
+    while live:
+        i = rng.choices(live, weights=[weights[k] for k in live])[0]
+        try:
+            yield i, next(streams[i])
+        except StopIteration:
+            live.remove(i)
 
 
 class StreamDataset(IterableDataset):
@@ -341,7 +191,7 @@ class StreamDataset(IterableDataset):
             rng = random.Random(f"{tag}/shards/{self.rank}/{stream}")
             urls = list(source.urls)
             failed = failed if failed is not None else set()
-            return _resample(urls, rng, failed)
+            return resample_shards(urls, rng, failed)
         urls = list(source.urls)
         if self.shardshuffle:
             random.Random(f"{tag}/shards").shuffle(urls)  # the same order on every rank and worker
@@ -477,117 +327,3 @@ class StreamDataset(IterableDataset):
             start = position + 1
             if len(samples) < self.batch_size:
                 return
-
-
-def _resample(urls: list[str], rng: random.Random, failed: set[str]) -> Iterator[str]:
-    """Shards drawn with replacement, except those in `failed` (filled while reading); ends when all have failed.
-    While none has failed, the draws are `rng.choice(urls)`, as before failures were tracked."""
-    while True:
-        live = [u for u in urls if u not in failed] if failed else urls
-        if not live:
-            log.error("every shard of this stream failed to read: %s%s", ", ".join(urls[:3]),
-                      " ..." if len(urls) > 3 else "")
-            return
-        yield rng.choice(live)
-
-
-class StreamProgress:
-    """Main-process bookkeeping of the batches served to training; the DataModule's checkpoint state."""
-
-    VERSION = 1
-
-    def __init__(self, num_streams: int, batches_per_epoch: int | None = None):
-        self.num_streams = max(1, int(num_streams))
-        self.batches_per_epoch = int(batches_per_epoch) if batches_per_epoch else None
-        self.served = 0            # training batches served, over all epochs of the stage
-        self.epoch = -1            # current epoch of the stream (-1: not started)
-        self.epoch_start = 0       # `served` when the current epoch began
-        self.finished = True       # the current epoch's loader ran dry: the next iteration starts a new epoch
-        self.positions = [0] * self.num_streams
-        self.salt = 0
-        self.image_size: int | None = None  # size of the last served batch
-
-    def begin(self, state: StreamState) -> None:
-        """Called when a training iteration starts: a new epoch, or the rest of the current one (resume)."""
-        if self.finished:
-            self.epoch += 1
-            self.epoch_start = self.served
-            self.positions = [0] * self.num_streams
-            self.finished = False
-        done = self.served - self.epoch_start
-        remaining = -1
-        if self.batches_per_epoch:
-            remaining = max(0, self.batches_per_epoch - done)
-        state.write(epoch=self.epoch, base=self.served, rotation=done % self.num_streams, remaining=remaining,
-                    salt=self.salt, positions=self.positions)
-
-    def record(self, meta: dict[str, Any]) -> None:
-        """One training batch was served (its `batch["stream"]`)."""
-        worker = int(meta["worker"])
-        if 0 <= worker < self.num_streams:
-            self.positions[worker] = int(meta["position"])
-        self.served += 1
-        if meta.get("image_size") is not None:
-            self.image_size = int(meta["image_size"])
-        if self.batches_per_epoch and self.served - self.epoch_start >= self.batches_per_epoch:
-            self.finished = True
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "version": self.VERSION, "served": self.served, "epoch": self.epoch, "epoch_start": self.epoch_start,
-            "finished": self.finished, "positions": list(self.positions), "salt": self.salt,
-            "image_size": self.image_size,
-        }
-
-    def load(self, state: dict[str, Any], positions: Sequence[int] | None, exact: bool) -> None:
-        self.served = int(state["served"])
-        self.epoch = int(state["epoch"])
-        self.epoch_start = int(state["epoch_start"])
-        self.finished = bool(state["finished"])
-        self.image_size = state.get("image_size")
-        self.salt = int(state.get("salt", 0))
-        if exact and positions is not None and len(positions) == self.num_streams:
-            self.positions = [int(p) for p in positions]
-        else:  # a new stream for the rest of this epoch, seeded by the batch count: no replay of the same order
-            self.positions = [0] * self.num_streams
-            self.salt = self.served + 1
-
-
-class StreamLoader(DataLoader):
-    """A DataLoader over a `StreamDataset` (batches come whole from the workers: `batch_size=None`).
-
-    Each `iter()` first writes the start state for the workers (training: from `progress`; evaluation: the
-    current image size), then yields at most `limit` batches; running dry marks the training epoch finished.
-    """
-
-    def __init__(self, dataset: StreamDataset, progress: StreamProgress | None = None,
-                 image_size: Callable[[], int | None] | None = None, limit: int | None = None, **kwargs: Any):
-        super().__init__(dataset, batch_size=None, **kwargs)
-        self.progress = progress
-        self.image_size = image_size
-        self.limit = limit
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]
-        dataset: StreamDataset = self.dataset  # type: ignore[assignment]
-        if self.progress is not None:
-            self.progress.begin(dataset.state)
-        elif self.image_size is not None:
-            dataset.state.write(image_size=self.image_size() or 0)
-        return self._batches(super().__iter__())
-
-    def _batches(self, iterator: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        count = 0
-        for batch in iterator:
-            yield unpack_batch(batch)
-            count += 1
-            if self.limit is not None and count >= self.limit:
-                return
-        dataset: StreamDataset = self.dataset  # type: ignore[assignment]
-        skipped = dataset.counter.counts()
-        if count == 0 and skipped and dataset.state.read()["remaining"] != 0:
-            # nothing usable at all (e.g. every shard unreadable): an endless loop of empty epochs otherwise
-            what = "training" if dataset.train else "validation"
-            counts = ", ".join(f"{r} {n}" for r, n in sorted(skipped.items(), key=lambda kv: -kv[1]))
-            raise NoUsableSamples(f"the {what} stream yielded no batch; skipped samples: {counts}")
-        if self.progress is not None:
-            self.progress.finished = True

@@ -57,7 +57,7 @@ class RetrievalTask:
         self.batch_size = int(batch_size)
 
     def pairs(self) -> Iterator[dict[str, Any]]:
-        from vlm.data.pipeline import iterate_samples
+        from vlm.data.tar import iterate_samples
 
         if self.data is None:
             raise ValueError("task.data is not set: give webdataset shards of images with captions")

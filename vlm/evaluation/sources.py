@@ -50,7 +50,7 @@ def read_jsonl_lines(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 def read_shards(urls: str | Sequence[str]) -> Iterator[dict[str, Any]]:
     """Decoded samples in shard order (`__key__`, `json`, `txt`, and `image` as a PIL image when present)."""
-    from vlm.data.pipeline import iterate_samples
+    from vlm.data.tar import iterate_samples
 
     for sample in iterate_samples(urls):
         sample["image"] = next((sample[k] for k in IMAGE_KEYS if k in sample), None)

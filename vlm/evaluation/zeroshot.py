@@ -106,7 +106,7 @@ class ZeroShotTask:
 
     def examples(self) -> Iterator[dict[str, Any]]:
         """id, image (PIL) and class index of each labelled sample, up to `limit`."""
-        from vlm.data.pipeline import iterate_samples
+        from vlm.data.tar import iterate_samples
 
         if self.data is None:
             raise ValueError("task.data is not set: give webdataset shards with labelled images")

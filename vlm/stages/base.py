@@ -26,6 +26,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from vlm.stages.resolution import match_batch_resolution
+
 
 def set_trainable(model: nn.Module, trainable: Iterable[str]) -> None:
     """Freeze every parameter, then unfreeze the named child modules (dotted paths allowed)."""
@@ -207,6 +209,14 @@ class Stage(L.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         keys = batch.get("keys") if isinstance(batch, Mapping) else None
         self._batch_keys = [str(k) for k in keys] if keys is not None else []
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Every batch (training and evaluation), before any callback sees it: the encoder switched to the image
+        size the batch was built at (`vlm.stages.resolution`), the optimizers following a replaced table."""
+        if isinstance(batch, Mapping):
+            optimizers = self.trainer.optimizers if self._trainer is not None else []
+            match_batch_resolution(self.model, batch, optimizers)
+        return batch
 
     def on_before_backward(self, loss: torch.Tensor) -> None:
         # no host sync here: the flags are read once per optimizer step

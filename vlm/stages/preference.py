@@ -196,7 +196,7 @@ class DPOStage(GenerativeStage):
                                     "is no longer the starting model, so it cannot be recomputed")
         from vlm.callbacks import gather_objects
 
-        rank, world = datamodule._dist() if hasattr(datamodule, "_dist") else (0, 1)
+        rank, world = datamodule.dist() if hasattr(datamodule, "dist") else (0, 1)
         values: dict[str, tuple[float, float]] = {}
         was_training = self.model.training
         self.model.eval()
@@ -227,12 +227,12 @@ class DPOStage(GenerativeStage):
 # ---- helpers ----------------------------------------------------------------------------------------------------
 def one_pass_batches(datamodule: Any, rank: int = 0, world: int = 1):
     """Every training and validation pair once, in shard order, in the main process (this rank's shards)."""
-    from vlm.data.pipeline import SkipCounter
+    from vlm.data.skips import SkipCounter
     from vlm.data.stream import StreamDataset, StreamState
 
     sources = [dataclasses.replace(s, val_urls=list(s.urls)) for s in datamodule.sources]
     sources += [dataclasses.replace(s, name=f"{s.name}-val") for s in datamodule.val_sources]
-    dataset = StreamDataset(sources, datamodule._sample_fns(sources), datamodule.processors, datamodule.collator,
+    dataset = StreamDataset(sources, datamodule.sample_fns(sources), datamodule.processors, datamodule.collator,
                             SkipCounter(), StreamState(1), datamodule.batch_size, 1, train=False,
                             seed=datamodule.seed, rank=rank, world_size=world)
     return iter(dataset)
