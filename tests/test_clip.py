@@ -104,7 +104,7 @@ def test_head_initialisation_and_clamp() -> None:
 
 def test_model_directory_round_trip(shapes: Path, tmp_path: Path) -> None:
     from vlm.loading import build_processor, load_model
-    from vlm.models.clip import ClipProcessor
+    from vlm.data.clip_processor import ClipProcessor
 
     cfg = cfg_for(shapes, "train", "stage=clip", "model.loss=siglip")
     model, tokenizer = load_model(OmegaConf.to_container(cfg.model, resolve=True))

@@ -51,7 +51,7 @@ def load_model(model_cfg: Mapping[str, Any], init_from: str | Path | None = None
     template) replaces the tokenizer's own when set.
     """
     from vlm.data.tokens import load_tokenizer
-    from vlm.models.clip import ClipModel, is_clip_config, load_clip_model
+    from vlm.models.clip import ClipModel, is_clip_config
     from vlm.models.vlm import VisionLanguageModel
 
     if trust_remote_code is None and trusted:
@@ -61,7 +61,9 @@ def load_model(model_cfg: Mapping[str, Any], init_from: str | Path | None = None
             model, tokenizer = ClipModel.from_pretrained(init_from, trust_remote_code=bool(trust_remote_code))
             adapt_loaded(model, model_cfg, explicit, init_from)
             return model, tokenizer
-        return load_clip_model(model_cfg, trusted, trust_remote_code)
+        # built from its config; the text tokenizer as it is (no VLM special tokens)
+        tokenizer = load_text_tokenizer(model_cfg["tokenizer"])
+        return ClipModel.from_config(model_cfg, tokenizer, trusted, trust_remote_code), tokenizer
 
     chat_template = model_cfg.get("chat_template")
     if init_from:
@@ -76,6 +78,16 @@ def load_model(model_cfg: Mapping[str, Any], init_from: str | Path | None = None
     tokenizer = load_tokenizer(model_cfg["tokenizer"], max_tiles=model_cfg.get("max_tiles", 1),
                                trust_remote_code=bool(trust_remote_code), chat_template=chat_template)
     return VisionLanguageModel.from_config(dict(model_cfg), tokenizer, trusted, trust_remote_code), tokenizer
+
+
+def load_text_tokenizer(name_or_path: str | Path) -> Any:
+    """A dual encoder's text tokenizer as it is; its pad token is the end-of-text token when it has none."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 # ---- init_from: the loaded model is kept -----------------------------------------------------------------------

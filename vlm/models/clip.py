@@ -11,9 +11,9 @@ Model directory: `clip.yaml` (part specs from `export_config`, so loading never 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,9 @@ from vlm.models.directory import plain as _plain, write_model_directory
 from vlm.models.encoders.base import WEIGHTS_NAME, VisionEncoder
 from vlm.models.registry import build, build_part, check_file
 from vlm.models.text_encoders import TextEncoder
+
+if TYPE_CHECKING:
+    from vlm.data.clip_processor import ClipProcessor
 
 CONFIG_NAME = "clip.yaml"
 LOSSES = ("clip", "siglip")
@@ -168,6 +171,7 @@ class ClipModel(nn.Module):
     # ---- processing -----------------------------------------------------------------------------------------
     def processor(self, tokenizer: Any = None) -> ClipProcessor:
         """The processor that turns records, images and texts into this model's tensors."""
+        from vlm.data.clip_processor import ClipProcessor
         from vlm.data.images import ImageTransform
 
         tokenizer = tokenizer if tokenizer is not None else self.tokenizer
@@ -219,83 +223,6 @@ class ClipModel(nn.Module):
             tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
         model.tokenizer = tokenizer
         return model, tokenizer
-
-
-class ClipProcessor:
-    """Records, images and texts -> tensors of a `ClipModel`.
-
-    `__call__(record)` is the data pipeline's processor (`vlm.data.datamodule.DataModule(processor=...)`): a caption
-    record (the last assistant message is the caption, or `record.text`) with one image becomes
-    `{"input_ids", "pixel_values" (1,3,H,W), "key"}`, which the standard collator pads and batches.
-    """
-
-    def __init__(self, tokenizer: Any, image_transform: Any, max_length: int = 77) -> None:
-        self.tokenizer = tokenizer
-        self.image_transform = image_transform
-        self.max_length = int(max_length)
-        if tokenizer.pad_token_id is None:
-            raise ValueError("the tokenizer has no pad token (set tokenizer.pad_token)")
-
-    @property
-    def pad_token_id(self) -> int:
-        return self.tokenizer.pad_token_id
-
-    def token_ids(self, text: str) -> list[int]:
-        """Tokens of one text, ending with the end-of-text token (the `eos` pooling position), cut at max_length."""
-        ids = list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
-        eos = self.tokenizer.eos_token_id
-        if eos is not None and (not ids or ids[-1] != eos):
-            ids.append(eos)
-        if len(ids) > self.max_length:
-            ids = ids[: self.max_length - 1] + ids[-1:]
-        return ids
-
-    def texts(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (input_ids, attention_mask), right-padded."""
-        rows = [self.token_ids(t) for t in texts]
-        length = max(len(r) for r in rows)
-        ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row)
-            mask[i, : len(row)] = 1
-        return ids, mask
-
-    def image(self, image: Any) -> torch.Tensor:
-        """PIL image -> (1, 3, S, S)."""
-        pixels, _ = self.image_transform(image)
-        return pixels[:1]
-
-    def images(self, images: Sequence[Any]) -> torch.Tensor:
-        return torch.cat([self.image(im) for im in images])
-
-    def __call__(self, record: Any) -> dict[str, Any]:
-        caption = next((m["content"] for m in reversed(record.messages) if m["role"] == "assistant"), record.text)
-        if not caption:
-            raise ValueError(f"sample {record.key!r} has no caption")
-        if len(record.images) != 1:
-            raise ValueError(f"sample {record.key!r} has {len(record.images)} images; contrastive pairs need one")
-        return {"input_ids": torch.tensor(self.token_ids(caption), dtype=torch.long),
-                "pixel_values": self.image(record.images[0]), "key": record.key}
-
-
-def load_clip_model(model_cfg: Mapping[str, Any], trusted: bool = True,
-                    trust_remote_code: bool | None = None) -> tuple[ClipModel, Any]:
-    """A dual encoder built from its config (a CLIP model directory is loaded by `vlm.loading.load_model`, which
-    keeps it as it is). Returns (model, tokenizer). The tokenizer is loaded as it is (no VLM special tokens); a pad
-    token is set to the end-of-text token if it has none. `trusted`: as in `vlm.loading.load_model`.
-    """
-    tokenizer = load_text_tokenizer(model_cfg["tokenizer"])
-    return ClipModel.from_config(model_cfg, tokenizer, trusted, trust_remote_code), tokenizer
-
-
-def load_text_tokenizer(name_or_path: str | Path) -> Any:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def is_clip_config(model_cfg: Mapping[str, Any]) -> bool:
