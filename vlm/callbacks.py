@@ -231,13 +231,13 @@ class PreemptionCheckpoint(L.Callback):
                                                           [_signal(x) for x in signals]]
         self.requeue = requeue
         self.preempted = False
-        self._received: signal.Signals | None = None
+        self.received: signal.Signals | None = None
         self._previous: dict[signal.Signals, Any] = {}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         import threading
 
-        self.preempted, self._received = False, None
+        self.preempted, self.received = False, None
         if threading.current_thread() is not threading.main_thread():
             return
         for sig in self.signals:
@@ -247,16 +247,16 @@ class PreemptionCheckpoint(L.Callback):
     @property
     def exit_code(self) -> int:
         """The process's exit status after this stop: 128 + signal for a stop signal, else `PREEMPTED_EXIT`."""
-        if self._received in self.stop_signals:
-            return 128 + int(self._received)
+        if self.received in self.stop_signals:
+            return 128 + int(self.received)
         return PREEMPTED_EXIT
 
     def _handle(self, signum: int, frame: Any) -> None:
         log.warning("received %s: saving a checkpoint at the end of this step", signal.Signals(signum).name)
-        self._received = signal.Signals(signum)
+        self.received = signal.Signals(signum)
 
     def _agreed(self, trainer: L.Trainer) -> bool:
-        flag = torch.tensor([1.0 if self._received is not None else 0.0], device=trainer.strategy.root_device)
+        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=trainer.strategy.root_device)
         if trainer.world_size > 1:
             flag = trainer.strategy.reduce(flag, reduce_op="max")
         return bool(flag.item() > 0)
@@ -287,7 +287,7 @@ class PreemptionCheckpoint(L.Callback):
         self._restore_handlers()
         if not self.preempted:
             return
-        sig = self._received
+        sig = self.received
         if sig in self.stop_signals:
             return  # stopped, not preempted: nothing to requeue
         handler = previous.get(sig) if sig is not None else None

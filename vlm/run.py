@@ -139,7 +139,7 @@ def train_stage(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Path
 
     stopped = [cb for cb in trainer.callbacks if isinstance(cb, PreemptionCheckpoint) and cb.preempted]
     if stopped:
-        signal_name = stopped[0]._received.name if stopped[0]._received is not None else "the preemption signal"
+        signal_name = stopped[0].received.name if stopped[0].received is not None else "the preemption signal"
         raise Preempted(f"[{stage.stage_name}] stopped on {signal_name} at step {trainer.global_step} after saving "
                         f"a checkpoint; resume with resume=auto run_dir={run_dir}", stopped[0].exit_code)
     model_dir = run_dir / "model"

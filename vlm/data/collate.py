@@ -46,7 +46,8 @@ class Collator:
         self.pad_token_id = int(pad_token_id)
         self.padding_side = padding_side
 
-    def _pad(self, rows: Sequence[torch.Tensor], value: int, length: int) -> torch.Tensor:
+    def pad(self, rows: Sequence[torch.Tensor], value: int, length: int) -> torch.Tensor:
+        """(len(rows), length) long tensor: each row on this collator's padding side, the rest `value`."""
         if not all(row.device.type == "cpu" and not row.requires_grad for row in rows):
             out = torch.full((len(rows), length), value, dtype=torch.long)
             for i, row in enumerate(rows):
@@ -81,11 +82,11 @@ class Collator:
         ids = [s["input_ids"] for s in samples]
         length = max(len(x) for x in ids)
         batch: dict[str, Any] = {
-            "input_ids": self._pad(ids, self.pad_token_id, length),
+            "input_ids": self.pad(ids, self.pad_token_id, length),
             "attention_mask": self._mask([len(x) for x in ids], length),
         }
         if all("labels" in s for s in samples):
-            batch["labels"] = self._pad([s["labels"] for s in samples], IGNORE_INDEX, length)
+            batch["labels"] = self.pad([s["labels"] for s in samples], IGNORE_INDEX, length)
         pixels = [s["pixel_values"] for s in samples if s.get("pixel_values") is not None]
         if pixels:
             batch["pixel_values"] = (

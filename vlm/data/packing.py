@@ -94,7 +94,7 @@ class PackedCollator:
             pixels += [s["pixel_values"] for s in samples if s.get("pixel_values") is not None]
             keys += [str(s.get("key", "")) for s in samples]
         batch = self.collator(merged)
-        batch["position_ids"] = self.collator._pad(positions, 0, batch["input_ids"].shape[1])
+        batch["position_ids"] = self.collator.pad(positions, 0, batch["input_ids"].shape[1])
         if pixels:
             batch["pixel_values"] = (
                 Parts(pixels) if lazy and all(p.device.type == "cpu" for p in pixels) else concat(pixels))
@@ -133,7 +133,7 @@ class Packer:
         return [self.pack_length, self.pack_buffer]
 
     def _chunk(self, dataset: Any, raw: Iterator, start: int, size: int | None, handler: Any) -> _Chunk | None:
-        units, last = dataset._samples(raw, dataset.processors.get(size), handler, count=self.pack_buffer)
+        units, last = dataset.next_samples(raw, dataset.processors.get(size), handler, count=self.pack_buffer)
         if not units:
             return None
         lengths = []

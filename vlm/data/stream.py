@@ -216,7 +216,7 @@ class StreamDataset(IterableDataset):
 
     # ------------------------------------------------------------ batches
 
-    def _samples(self, raw: Iterator[tuple[int, tuple[int, dict]]], processor: Any,
+    def next_samples(self, raw: Iterator[tuple[int, tuple[int, dict]]], processor: Any,
                  handler: Callable[[Exception], bool], count: int | None = None) -> tuple[list[Any], int | None]:
         """The next batch's processed samples (the first `count` (default `batch_size`) raw samples that process
         without a data error) and the raw position of the last raw sample read (None: the stream had nothing left).
@@ -309,7 +309,7 @@ class StreamDataset(IterableDataset):
             index = base + j * workers + worker
             size = self.schedule.size_for_batch(index) if (self.train and self.schedule) else fixed_size
             processor = self.processors.get(size)
-            samples, position = self._samples(raw, processor, handler)
+            samples, position = self.next_samples(raw, processor, handler)
             if not samples:
                 return
             if info is not None and isinstance(self.collate, Collator):  # pixels go straight to shared memory
