@@ -17,7 +17,9 @@
 3. Keep-or-drop (`--ablate`): the 384 px JPEG pipeline with each hand-written piece switched off, side by side in
    the same rounds: our tar header parser (off: webdataset's `tar_file_expander` reads every shard) and the
    shared-memory batch hand-over with its buffer pool (off: the workers yield plain batches and torch's
-   DataLoader shares each tensor itself). A piece stays only with >= 10% end-to-end gain.
+   DataLoader shares each tensor itself), and the chat-template fast path (`ChatRenderer`, on a private
+   transformers function; off: every render through `apply_chat_template`). A piece stays only with >= 10%
+   end-to-end gain.
 
     python benchmarks/loader_throughput.py [--rounds 3] [--batches 30] [--steps 40] [--threads 1] [--ablate]
 """
@@ -143,38 +145,42 @@ def throughput(name: str, urls: list[str], field: str, processor: Processor, wor
 # ---------------------------------------------------------------- keep-or-drop of the hand-written pieces
 
 
-def _switched_loader(dm: DataModule, tar_parser: bool, pool: bool):
+def _switched_loader(dm: DataModule, tar_parser: bool, pool: bool, chat_fast_path: bool = True):
     """The DataModule's training loader with its workers started (forked) while the pieces are switched as asked:
     the workers keep the switch, the main process gets the originals back."""
     import vlm.data.stream as stream
     import vlm.data.tar as tar
     from vlm.data.collate import Collator
+    from vlm.data.processor import ChatRenderer
 
-    saved = tar.plain_path, stream.pack_batch, Collator.__call__
+    saved = tar.plain_path, stream.pack_batch, Collator.__call__, ChatRenderer.__call__
     if not tar_parser:
         tar.plain_path = lambda url: False  # every shard through webdataset's tar_file_expander
     if not pool:
         stream.pack_batch = lambda batch, pool=None: batch  # torch's own hand-over, tensor by tensor
         plain = Collator.__call__
         Collator.__call__ = lambda self, samples, lazy=False: plain(self, samples)  # concatenated pixels
+    if not chat_fast_path:  # every render through transformers' apply_chat_template
+        ChatRenderer.__call__ = lambda self, messages, add_generation_prompt=False: self.reference(
+            messages, add_generation_prompt)
     try:
         loader = dm.train_dataloader()
         iterator = iter(loader)
         next(iterator)  # forks the workers with the switches in place
     finally:
-        tar.plain_path, stream.pack_batch, Collator.__call__ = saved
+        tar.plain_path, stream.pack_batch, Collator.__call__, ChatRenderer.__call__ = saved
     return loader, iterator
 
 
 def ablation(urls: list[str], processor: Processor, workers: int, batches: int, rounds: int) -> dict[str, list]:
     """samples/s and CPU per sample of the four combinations, measured in turn within each round."""
-    combos = {"both": (True, True), "no tar parser": (False, True), "no buffer pool": (True, False),
-              "neither": (False, False)}
+    combos = {"both": (True, True, True), "no tar parser": (False, True, True), "no buffer pool": (True, False, True),
+              "neither": (False, False, True), "no chat fast path": (True, True, False)}
     loaders = {}
-    for name, (tar_parser, pool) in combos.items():
+    for name, switches in combos.items():
         dm = DataModule(processor, urls, format="conversation", batch_size=BATCH, num_workers=workers,
                         shuffle_buffer=1000, resampled=True, seed=0)
-        loaders[name] = _switched_loader(dm, tar_parser, pool)
+        loaders[name] = _switched_loader(dm, *switches)
     out: dict[str, list] = {name: [] for name in combos}
     for r in range(rounds):
         for name, (loader, iterator) in loaders.items():
@@ -185,7 +191,7 @@ def ablation(urls: list[str], processor: Processor, workers: int, batches: int, 
             n = sum(len(next(iterator)["keys"]) for _ in range(batches))
             used = time.process_time() - cpu + cpu_seconds(pids) - worker_cpu
             out[name].append((n / (time.perf_counter() - wall), used / n))
-            print(f"  [ablate] round {r} {name:15s} {out[name][-1][0]:7.0f}/s  CPU {1e6 * used / n:6.0f} us/sample",
+            print(f"  [ablate] round {r} {name:17s} {out[name][-1][0]:7.0f}/s  CPU {1e6 * used / n:6.0f} us/sample",
                   flush=True)
     return out
 
@@ -313,7 +319,7 @@ def main() -> None:
         for name, rows in ablated.items():
             rates = [rate for rate, _ in rows]
             ratios = [b / x for b, x in zip(base, rates)]
-            print(f"{name:15s} {statistics.median(rates):7.0f}/s  CPU {1e6 * statistics.median(c for _, c in rows):6.0f}"
+            print(f"{name:17s} {statistics.median(rates):7.0f}/s  CPU {1e6 * statistics.median(c for _, c in rows):6.0f}"
                   f" us/sample  both/this per round: {' '.join(f'{x:.2f}' for x in ratios)}  median "
                   f"{statistics.median(ratios):.2f}")
     if shares:
