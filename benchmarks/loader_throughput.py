@@ -196,6 +196,36 @@ def ablation(urls: list[str], processor: Processor, workers: int, batches: int, 
     return out
 
 
+def chat_path_cost(urls: list[str], processor: Processor, rounds: int, samples: int = 200) -> dict[str, list[float]]:
+    """CPU seconds per sample of the processor alone (records decoded beforehand, in this process) with the
+    ChatRenderer fast path and with every render through `apply_chat_template`, in turn within each round."""
+    from vlm.data.formats import to_record
+    from vlm.data.processor import ChatRenderer
+    from vlm.data.tar import iterate_samples
+
+    records = []
+    for sample in iterate_samples(urls[:1]):
+        records.append(to_record(sample, "conversation"))
+        if len(records) >= samples:
+            break
+    fast = ChatRenderer.__call__
+    calls = {"fast path": fast,
+             "apply_chat_template": lambda self, messages, add_generation_prompt=False: self.reference(
+                 messages, add_generation_prompt)}
+    out: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            ChatRenderer.__call__ = call
+            try:
+                start = time.process_time()
+                for record in records:
+                    processor(record)
+                out[name].append((time.process_time() - start) / len(records))
+            finally:
+                ChatRenderer.__call__ = fast
+    return out
+
+
 # ---------------------------------------------------------------- quickstart wait share
 
 
@@ -267,6 +297,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     results: dict[str, dict[str, float]] = {}
     ablated: dict[str, list] = {}
+    chat: dict[str, dict[str, list[float]]] = {}
     shares: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -292,6 +323,12 @@ def main() -> None:
             large = Processor(tokenizer, ImageTransform(224, [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]), tokens_per_image=64,
                               max_length=512)
             ablated = ablation(jpegs, large, args.workers, args.batches, args.rounds)
+            with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+                cfg = compose("train", overrides=[f"paths.data_dir={tmp}", "model=tiny_tiled"])
+            quick = build_processor(*load_model(OmegaConf.to_container(cfg.model, resolve=True)))
+            pngs = [str(shapes / s) for s in (shapes / "train.txt").read_text().split()]
+            chat = {"384px JPEG -> 224": chat_path_cost(jpegs, large, args.rounds),
+                    "quickstart 64px PNG -> 5x16": chat_path_cost(pngs, quick, args.rounds)}
         if "quickstart" not in args.skip:
             # as conf/recipe/quickstart.yaml runs them (clip: its own model; the others: model=tiny_tiled)
             quick_stages = {"clip": ["data.batch_size=64", "optim.lr=2e-3"],
@@ -322,6 +359,10 @@ def main() -> None:
             print(f"{name:17s} {statistics.median(rates):7.0f}/s  CPU {1e6 * statistics.median(c for _, c in rows):6.0f}"
                   f" us/sample  both/this per round: {' '.join(f'{x:.2f}' for x in ratios)}  median "
                   f"{statistics.median(ratios):.2f}")
+    for images, costs in chat.items():
+        medians = {name: 1e6 * statistics.median(values) for name, values in costs.items()}
+        print(f"processor CPU per sample, {images}: " + ", ".join(f"{n} {v:.0f} us" for n, v in medians.items())
+              + f" (fast path saves {medians['apply_chat_template'] - medians['fast path']:.0f} us)")
     if shares:
         print(f"\n{'quickstart stage':18s} {'wait/step':>10s} {'step':>9s} {'share':>7s} {'profiler':>9s}")
         for stage, s in shares.items():
