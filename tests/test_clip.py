@@ -29,13 +29,14 @@ def shapes(tmp_path_factory) -> Path:
                          samples_per_shard=100)
 
 
-def cfg_for(shapes: Path, config: str, *overrides: str):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose(config, overrides=[f"paths.data_dir={shapes.parent}", *overrides])
+@pytest.fixture(scope="module")
+def cfg_for(compose_config):
+    """`cfg_for(shapes, config, *overrides)`: conf/<config>.yaml on this module's shapes world."""
+    return lambda shapes, config, *overrides: compose_config(config, [f"paths.data_dir={shapes.parent}", *overrides])
 
 
 @pytest.fixture(scope="module")
-def clip_run(shapes: Path, tmp_path_factory) -> Path:
+def clip_run(shapes: Path, tmp_path_factory, cfg_for) -> Path:
     """A 6-step clip stage: FLIP at 0.5 for 4 steps, then 2 unmasked steps; a validation with both tasks at the end."""
     from vlm.run import run_stage
 
@@ -102,7 +103,7 @@ def test_head_initialisation_and_clamp() -> None:
     assert float(clip.logit_scale.detach()) == pytest.approx(math.log(100.0))
 
 
-def test_model_directory_round_trip(shapes: Path, tmp_path: Path) -> None:
+def test_model_directory_round_trip(shapes: Path, tmp_path: Path, cfg_for) -> None:
     from vlm.loading import build_processor, load_model
     from vlm.models.clip import ClipProcessor
 
@@ -150,7 +151,7 @@ def test_clip_stage_end_to_end(clip_run: Path) -> None:
 
 
 @pytest.mark.parametrize("task", ["zeroshot", "retrieval"])
-def test_evaluate_tasks_on_the_clip_model(shapes: Path, clip_run: Path, tmp_path: Path, task: str) -> None:
+def test_evaluate_tasks_on_the_clip_model(shapes: Path, clip_run: Path, tmp_path: Path, task: str, cfg_for) -> None:
     from vlm.run import run_evaluation
 
     metrics = run_evaluation(cfg_for(shapes, "evaluate", f"task={task}", f"model_dir={clip_run / 'model'}",
@@ -216,7 +217,7 @@ def test_retrieval_recall_by_hand() -> None:
 
 
 # ---- hand-over to a VLM at another resolution ---------------------------------------------------------------------
-def test_clip_encoder_seeds_a_vlm_at_a_new_resolution(shapes: Path, clip_run: Path) -> None:
+def test_clip_encoder_seeds_a_vlm_at_a_new_resolution(shapes: Path, clip_run: Path, cfg_for) -> None:
     from vlm.loading import load_model
 
     cfg = cfg_for(shapes, "train", "stage=align", f"model.encoder.init_from={clip_run / 'model'}",

@@ -13,12 +13,10 @@ from vlm.analysis.nearest_tokens import main, nearest_tokens, token_grid
 
 
 @pytest.fixture(scope="module")
-def model_and_dir(tmp_path_factory):
+def model_and_dir(tmp_path_factory, tiny_shapes):
     from test_generation import tiny_vlm
-    from vlm.data.synthetic.shapes import ensure_shapes
 
-    root = tmp_path_factory.mktemp("nearest")
-    shapes = ensure_shapes(root / "shapes", num_train=4, num_val=2, num_test=2, samples_per_shard=4)
+    root, shapes = tmp_path_factory.mktemp("nearest"), tiny_shapes
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     model, tokenizer = tiny_vlm(shapes / "tokenizer")

@@ -18,15 +18,10 @@ VOCAB = 40
 
 
 @pytest.fixture
-def logs(caplog, monkeypatch):
-    """caplog at INFO, with our loggers switched back on: a logging config applied by an earlier test in the same
-    process (Hydra's, Lightning's) may have disabled loggers that existed then."""
+def logs(caplog):
+    """caplog at INFO (the logging state an earlier test changed is put back by conftest's restore_logging)."""
     import logging
 
-    for name, logger in list(logging.root.manager.loggerDict.items()):
-        if name.startswith(("vlm", "lightning")) and isinstance(logger, logging.Logger):
-            monkeypatch.setattr(logger, "disabled", False)
-            monkeypatch.setattr(logger, "propagate", True)
     caplog.set_level(logging.INFO)
     return caplog
 

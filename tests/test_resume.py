@@ -18,7 +18,6 @@ import torch
 from safetensors.torch import load_file
 
 from vlm.checkpointing import list_checkpoints
-from vlm.data.synthetic.shapes import ensure_shapes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
 from launch import run_script  # noqa: E402
@@ -27,12 +26,6 @@ from resume_run import compose_config  # noqa: E402
 STEPS = 8
 RUN = ["stage=sft", f"trainer.max_steps={STEPS}", "callbacks.checkpoint.every_n_steps=2",
        "callbacks.checkpoint.keep_last=2", "stage.lora={r:4,alpha:8,dropout:0.1,target_modules:[q_proj,v_proj]}"]
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> Path:
-    return ensure_shapes(tmp_path_factory.mktemp("data") / "shapes", num_train=200, num_val=20, num_test=20,
-                         samples_per_shard=100)
 
 
 def log_rows(run_dir: Path) -> dict[tuple[int, str], float]:

@@ -22,7 +22,6 @@ from vlm.data.formats import to_record
 from vlm.data.images import ImageTransform
 from vlm.data.pipeline import NoUsableSamples, SkipCounter, decode_sample, expand_shards, iterate_samples
 from vlm.data.processor import Processor
-from vlm.data.synthetic.shapes import ensure_shapes
 from vlm.data.tokens import load_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
@@ -57,12 +56,6 @@ def logs(monkeypatch):
     yield handler
     logger.removeHandler(handler)
     logger.setLevel(previous)
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> Path:
-    return ensure_shapes(tmp_path_factory.mktemp("alive") / "shapes", num_train=200, num_val=20, num_test=20,
-                         samples_per_shard=100)
 
 
 @pytest.fixture(scope="module")

@@ -143,14 +143,12 @@ def test_malformed_mcq_options_are_errors(tmp_path: Path, row: dict, message: st
 
 
 # ---- the chat ------------------------------------------------------------------------------------------------------
-def test_the_chat_refuses_a_decompression_bomb_and_goes_on(tmp_path: Path, monkeypatch) -> None:
+def test_the_chat_refuses_a_decompression_bomb_and_goes_on(tmp_path: Path, monkeypatch, tiny_shapes: Path) -> None:
     from test_generation import tiny_vlm
 
     from vlm.chat import main
-    from vlm.data.synthetic.shapes import ensure_shapes
 
-    shapes = ensure_shapes(tmp_path / "shapes", num_train=4, num_val=2, num_test=2, samples_per_shard=4)
-    model, tokenizer = tiny_vlm(shapes / "tokenizer")
+    model, tokenizer = tiny_vlm(tiny_shapes / "tokenizer")
     model_dir = model.save_pretrained(tmp_path / "model", tokenizer)
     Image.new("RGB", (64, 64), (30, 70, 220)).save(tmp_path / "bomb.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 64 x 64 is more than twice that: a bomb to Pillow

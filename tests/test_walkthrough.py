@@ -57,18 +57,7 @@ def run(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
         assert done.code in (None, 0), f"{shlex.join(argv)} exited with {done.code}"
 
 
-@pytest.fixture
-def keep_loggers():
-    """hydra/job_logging=disabled disables every existing logger: enable them again for the tests that follow."""
-    import logging
-
-    enabled = [lg for lg in logging.root.manager.loggerDict.values() if isinstance(lg, logging.Logger) and not lg.disabled]
-    yield
-    for logger in enabled:
-        logger.disabled = False
-
-
-def test_readme_walkthrough_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keep_loggers) -> None:
+def test_readme_walkthrough_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     commands = walkthrough_commands()
     steps = [" ".join(c[:3]) for c in commands]
     assert steps[:4] == ["python -m vlm.data.synthetic.files", "python -m vlm.data.convert",
