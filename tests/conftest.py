@@ -50,6 +50,30 @@ def restore_logging() -> Iterator[None]:
     logging.disable(disable)
 
 
+class Records(logging.Handler):
+    """Keeps the records it is handed."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    @property
+    def text(self) -> str:
+        return "\n".join(r.getMessage() for r in self.records)
+
+
+@pytest.fixture
+def vlm_warnings() -> Iterator[Records]:
+    """Warnings of our `vlm` loggers, collected by a handler on `vlm` itself (restore_logging removes it after)."""
+    handler, logger = Records(), logging.getLogger("vlm")
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    yield handler
+
+
 @pytest.fixture(scope="session")
 def make_shapes(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """`make_shapes(**sizes)` -> the root of a shapes world (shards + tokenizer) of those sizes, built once per
@@ -77,6 +101,24 @@ def shapes(make_shapes) -> Path:
 def tiny_shapes(make_shapes) -> Path:
     """4 training samples, 2 val, 2 test: a tokenizer and a few images for the inference tools."""
     return make_shapes(**TINY_SHAPES)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, make_shapes) -> Iterator[dict[str, Path]]:
+    """A random tiny model directory on a shapes tokenizer, saved once per module: {"root": the data dir (its
+    shapes/ has 4 test pictures), "shapes", "model", "image": a red 16 px picture}."""
+    from test_generation import tiny_vlm
+    from PIL import Image
+
+    shapes = make_shapes(num_train=4, num_val=2, num_test=4, samples_per_shard=4)
+    root = tmp_path_factory.mktemp("world")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model, tokenizer = tiny_vlm(shapes / "tokenizer")
+    model_dir = model.save_pretrained(root / "model", tokenizer)
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(root / "red.png")
+    yield {"root": shapes.parent, "shapes": shapes, "model": model_dir, "image": root / "red.png"}
+    torch.set_num_threads(before)
 
 
 def _compose(config: str = "train", overrides: Sequence[str] = (), return_hydra_config: bool = False):

@@ -94,9 +94,11 @@ def test_text_tower_from_a_local_directory(tmp_path: Path) -> None:
 # ---- the dual encoder -------------------------------------------------------------------------------------------
 def test_head_initialisation_and_clamp() -> None:
     clip, siglip = ContrastiveHead("clip"), ContrastiveHead("siglip")
-    assert clip.logit_scale.shape == (1,) and float(clip.logit_scale.detach().exp()) == pytest.approx(1 / 0.07, rel=1e-6)
+    assert clip.logit_scale.shape == (1,)
+    assert float(clip.logit_scale.detach().exp()) == pytest.approx(1 / 0.07, rel=1e-6)
     assert clip.logit_bias is None
-    assert float(siglip.logit_scale.detach().exp()) == pytest.approx(10.0) and float(siglip.logit_bias.detach()) == -10.0
+    assert float(siglip.logit_scale.detach().exp()) == pytest.approx(10.0)
+    assert float(siglip.logit_bias.detach()) == -10.0
     with torch.no_grad():
         clip.logit_scale.fill_(7.0)
     clip.clamp_()
@@ -246,7 +248,7 @@ def test_clip_vit_b16_preset_matches_openai_clip(capsys: pytest.CaptureFixture[s
 
     from vlm.summary import main
 
-    summary = main(["model=clip_vit_b16", "--json"])
+    summary = main(["model=clip_vit_b16", "json=true"])
     counts = json.loads(capsys.readouterr().out)
     assert counts == summary
     vision = OmegaConf.load(Path(CONF) / "model" / "encoder" / "clip_vit_b16.yaml").config

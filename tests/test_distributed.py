@@ -25,7 +25,7 @@ from launch import run_script  # noqa: E402
 OPTIM = {"lr": 1e-2, "warmup_steps": 1, "weight_decay": 0.01, "scheduler": "cosine"}  # as in scripts/ddp_run.py
 
 
-# `shapes` (conftest): the sizes of debug=tiny_shapes, which tests/scripts/*.py compose with, so they find the data ready
+# `shapes` (conftest): the sizes of debug=tiny_shapes, which tests/scripts/*.py compose with: the data is ready
 @pytest.fixture(scope="module")
 def base_dir(shapes: Path, compose_config, tmp_path_factory) -> Path:
     from omegaconf import OmegaConf
@@ -94,6 +94,7 @@ def fixed_batches(model: VisionLanguageModel, steps: int, ranks: int = 2, per_ra
     return out
 
 
+@pytest.mark.slow
 def test_ddp_equals_one_process_with_the_combined_batch(base_dir: Path, tmp_path: Path) -> None:
     model, _ = VisionLanguageModel.from_pretrained(base_dir)
     steps = 3
@@ -124,6 +125,7 @@ def test_ddp_equals_one_process_with_the_combined_batch(base_dir: Path, tmp_path
 
 
 # ---- FSDP2 ------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_fsdp_preset_align_and_sft_sharded_checkpoints_and_consolidation(shapes: Path, base_dir: Path,
                                                                         tmp_path: Path) -> None:
     from vlm.checkpointing import apply_checkpoint, list_checkpoints, load_trainable_weights

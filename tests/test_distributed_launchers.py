@@ -82,6 +82,7 @@ def test_slurm_ranks_with_lightning_requeue_off(monkeypatch) -> None:
     assert cluster_plugins() == []
 
 
+@pytest.mark.slow
 def test_local_launcher_runs_a_sweep_with_a_run_directory_per_job(tmp_path: Path, monkeypatch, shapes) -> None:
     import runpy
 

@@ -103,7 +103,8 @@ def test_tiled_model_one_word_per_tile_token(model_and_dir, tmp_path: Path, caps
     special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
     with torch.no_grad():
         for index, view in ((1, result.tiles[1]), (4, result.thumbnail)):
-            sim = torch.nn.functional.normalize(model.eval().encode_images(pixels[index:index + 1])[0], dim=-1) @ table.T
+            embedded = model.eval().encode_images(pixels[index:index + 1])[0]
+            sim = torch.nn.functional.normalize(embedded, dim=-1) @ table.T
             sim[:, sorted(i for i in special if i < len(tokenizer))] = float("-inf")
             assert view.ids == sim.argmax(-1).tolist()
     assert Image.open(out).size == (2 * 768 + 16, 768)

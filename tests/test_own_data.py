@@ -25,10 +25,10 @@ def own(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("own")
     shapes = ensure_shapes(root / "shapes", num_train=60, num_val=8, num_test=8, samples_per_shard=30)
     files = write_example_files(root / "files", num_train=24, num_test=4)
-    assert convert(["images", "--images", str(files / "photos"), "--captions", str(files / "captions.csv"),
-                    "--out", str(root / "captions"), "--samples-per-shard", "10", "--quiet"]) == 0
-    assert convert(["llava", "--json", str(files / "conversations.json"), "--images", str(files / "photos"),
-                    "--out", str(root / "chat"), "--samples-per-shard", "10", "--quiet"]) == 0
+    assert convert(["images", f"images={files / 'photos'}", f"captions={files / 'captions.csv'}",
+                    f"out={root / 'captions'}", "samples_per_shard=10", "quiet=true"]) == 0
+    assert convert(["llava", f"json={files / 'conversations.json'}", f"images={files / 'photos'}",
+                    f"out={root / 'chat'}", "samples_per_shard=10", "quiet=true"]) == 0
     return {"shapes": shapes, "captions": root / "captions", "chat": root / "chat", "root": root}
 
 
@@ -36,7 +36,7 @@ def own(tmp_path_factory) -> dict[str, Path]:
 def test_tokenizer_converter_round_trips_the_shards_text(own: dict[str, Path]) -> None:
     shards = f"{own['captions'] / 'train.txt'}::{own['chat'] / 'train.txt'}"
     out = own["root"] / "tokenizer"
-    assert convert(["tokenizer", "--shards", shards, "--vocab-size", "400", "--out", str(out), "--quiet"]) == 0
+    assert convert(["tokenizer", f"shards={shards}", "vocab_size=400", f"out={out}", "quiet=true"]) == 0
     texts = list(shard_texts(shards))
     assert len(texts) == 24 + sum(1 for _ in shard_texts(str(own["chat"] / "train.txt")))  # captions + turns
     assert any("how many shapes are there?" == t for t in texts) and all(IMAGE_TOKEN not in t for t in texts)
@@ -131,6 +131,7 @@ def test_data_shards_trains_with_only_data_train_from_a_loaded_model(own: dict[s
 
 
 # ---- a real model name offline: one short message ----------------------------------------------------------------
+@pytest.mark.slow
 def test_offline_model_name_gives_one_short_message(own: dict[str, Path]) -> None:
     import os
     import subprocess

@@ -1,6 +1,6 @@
 """Exact resume (issue 5): a stage interrupted four ways - SIGKILL right after a checkpoint, SIGKILL while writing
-the next one, the preemption signal, and SIGTERM (issue 17) - and resumed each time with `resume=auto`, ends with the weights and the
-logged curves of an uninterrupted run of the same length.
+the next one, the preemption signal, and SIGTERM (issue 17) - and resumed each time with `resume=auto`, ends with
+the weights and the logged curves of an uninterrupted run of the same length.
 
 The stage is `sft` with LoRA dropout, so the RNG state matters; data come from the shapes stream with
 `num_workers=0` (the data module's own state fast-forwards the stream; `ReplayLoader` stands in for data modules
@@ -54,6 +54,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_killed_twice_and_preempted_run_resumes_to_the_uninterrupted_result(shapes: Path, tmp_path: Path,
                                                                             monkeypatch, one_thread) -> None:
     from vlm.stages.base import Stage
@@ -130,8 +131,8 @@ def test_killed_twice_and_preempted_run_resumes_to_the_uninterrupted_result(shap
     # a stage checkpoint alone (plus the run's config.yaml for the base) gives the model directory back
     from vlm.checkpointing import main as checkpoint_to_model
 
-    rebuilt = checkpoint_to_model([str(reference / "checkpoints" / f"step-{STEPS:08d}.ckpt"),
-                                   "--out", str(tmp_path / "from-checkpoint")])
+    rebuilt = checkpoint_to_model([f"checkpoint={reference / 'checkpoints' / f'step-{STEPS:08d}.ckpt'}",
+                                   f"out={tmp_path / 'from-checkpoint'}"])
     for key, value in load_file(rebuilt / "model.safetensors").items():
         torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=lambda m: f"{key}: {m}")
 

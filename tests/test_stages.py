@@ -116,6 +116,7 @@ def test_lora_trains_adapters_and_exports_merged(shapes: Path, tmp_path: Path) -
     assert any(not torch.equal(base[k], merged[k]) for k in base if k in merged), "LoRA changed nothing"
 
 
+@pytest.mark.slow
 def test_recipe_end_to_end(shapes: Path, tmp_path: Path) -> None:
     """Every stage of the quickstart recipe runs, hands its model on, and the evaluation writes metrics."""
     from vlm.run import run_recipe

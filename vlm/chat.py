@@ -5,8 +5,9 @@
 
 In the terminal: `/image PATH` adds an image to your next message, `/reset` forgets the conversation, `/quit` (or
 end of input) leaves. Write `<image>` in the message to place the image there (otherwise it goes before the text);
-type `\n` for a line break, or end a line with `\` to continue the message on the next line. The whole history is rendered with the model's chat template every turn, so the model sees
-earlier questions, answers and images exactly as a multi-turn training sample.
+type `\n` for a line break, or end a line with `\` to continue the message on the next line. The whole history is
+rendered with the model's chat template every turn, so the model sees earlier questions, answers and images exactly
+as a multi-turn training sample.
 
 From Python: `chat(model, tokenizer, images, messages)` returns the reply; `add_chat_method(model, tokenizer)` gives
 the model a `model.chat(images, messages)` method (without touching the model class).
