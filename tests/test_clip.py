@@ -13,7 +13,6 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from vlm.data.synthetic.shapes import ensure_shapes
 from vlm.models.clip import ClipModel, ContrastiveHead
 from vlm.models.text_encoders import TextEncoder
 
@@ -24,9 +23,8 @@ TINY_TEXT = {"model_type": "clip_text_model", "vocab_size": 50, "hidden_size": 3
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> Path:
-    return ensure_shapes(tmp_path_factory.mktemp("data") / "shapes", num_train=300, num_val=40, num_test=60,
-                         samples_per_shard=100)
+def shapes(make_shapes) -> Path:
+    return make_shapes(num_train=300, num_val=40, num_test=60, samples_per_shard=100)
 
 
 @pytest.fixture(scope="module")

@@ -226,11 +226,8 @@ def test_a_group_stays_in_one_row_in_order() -> None:
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> Path:
-    from vlm.data.synthetic.shapes import ensure_shapes
-
-    return ensure_shapes(tmp_path_factory.mktemp("packing") / "shapes", num_train=120, num_val=10, num_test=10,
-                         samples_per_shard=20)
+def shapes(make_shapes) -> Path:
+    return make_shapes(num_train=120, num_val=10, num_test=10, samples_per_shard=20)
 
 
 @pytest.fixture(scope="module")
