@@ -6,9 +6,10 @@ directory and loaded back with `from_pretrained`; it embeds the image itself, fr
 The model is a VisionLanguageModel with a tiny CLIP vision tower (64 image tokens, CLS dropped, layer -2: a Llava
 model) and a random Llama large enough for the decoder to dominate (hidden 512, 8 layers, 32k vocabulary). Each
 prompt is 16 text tokens, an image, 16 text tokens; in a batch the rows are 0..7 tokens shorter and left-padded.
-Every method generates exactly 64 new tokens greedily (no end token); all four must produce identical tokens. Methods alternate for several rounds in one
-process; on a shared machine other processes only ever add time, so ratios use each method's best round (the
-medians are printed beside them). The slow recompute baseline runs `--recompute-rounds` rounds (default 1).
+Every method generates exactly 64 new tokens greedily (no end token); all four must produce identical tokens.
+Methods alternate for several rounds in one process; on a shared machine other processes only ever add time, so
+ratios use each method's best round (the medians are printed beside them). The slow recompute baseline runs
+`--recompute-rounds` rounds (default 1).
 
     python benchmarks/generation.py [--rounds 5] [--new-tokens 64] [--batch-sizes 1 8] [--threads N]
 """

@@ -7,11 +7,12 @@
    On a shared machine wall-clock rates swing with the load, so CPU time per sample (this process and the
    workers, from /proc) is compared too: limit CPU / full CPU is the ratio a machine with a free core per worker
    would show.
-   Two image settings: the quickstart's (64 px PNG shapes, cut into 2x2 tiles + a thumbnail of 16 px each for `model=tiny_tiled`) and a typical
-   one (384 px JPEG, resized to 224 px, as img2dataset shards of CC3M/LAION are).
-2. The quickstart's stages (clip, lm, align, sft: the models and data config of conf/recipe/quickstart.yaml, 1 worker): the share of
-   step time spent waiting for the next batch, from a timer callback (time between one batch's end and the
-   next one's start, i.e. fetch + transfer) and from Lightning's SimpleProfiler (`train_dataloader_next`).
+   Two image settings: the quickstart's (64 px PNG shapes, cut into 2x2 tiles + a thumbnail of 16 px each for
+   `model=tiny_tiled`) and a typical one (384 px JPEG, resized to 224 px, as img2dataset shards of CC3M/LAION are).
+2. The quickstart's stages (clip, lm, align, sft: the models and data config of conf/recipe/quickstart.yaml,
+   1 worker): the share of step time spent waiting for the next batch, from a timer callback (time between one
+   batch's end and the next one's start, i.e. fetch + transfer) and from Lightning's SimpleProfiler
+   (`train_dataloader_next`).
    Target: under 5%.
 
 3. Keep-or-drop (`--ablate`): the 384 px JPEG pipeline with each hand-written piece switched off, side by side in

@@ -13,12 +13,10 @@ from vlm.evaluation.answerer import Answerer
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
+def model_dir(tmp_path_factory, tiny_shapes: Path) -> Path:
     from test_generation import tiny_vlm
-    from vlm.data.synthetic.shapes import ensure_shapes
 
-    root = tmp_path_factory.mktemp("chat")
-    shapes = ensure_shapes(root / "shapes", num_train=4, num_val=2, num_test=2, samples_per_shard=4)
+    root, shapes = tmp_path_factory.mktemp("chat"), tiny_shapes
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     model, tokenizer = tiny_vlm(shapes / "tokenizer")

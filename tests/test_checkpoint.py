@@ -15,10 +15,8 @@ import torch
 import vlm.checkpointing as ckpt
 from vlm.callbacks import PreemptionCheckpoint
 from vlm.checkpointing import AtomicCheckpointIO, StepCheckpoint, find_resume_checkpoint, list_checkpoints
-from vlm.data.synthetic.shapes import ensure_shapes
 from vlm.stages.generative import GenerativeStage
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 # ---- files -------------------------------------------------------------------------------------------------------
@@ -80,16 +78,12 @@ def test_resume_auto_takes_the_newest_complete_checkpoint(tmp_path: Path) -> Non
 
 # ---- stage checkpoints ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from hydra import compose, initialize_config_dir
+def tiny(shapes, compose_config):
     from omegaconf import OmegaConf
 
     from vlm.loading import load_model
 
-    shapes = ensure_shapes(tmp_path_factory.mktemp("data") / "shapes", num_train=200, num_val=20, num_test=20,
-                           samples_per_shard=100)
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("train", overrides=[f"paths.data_dir={shapes.parent}"])
+    cfg = compose_config("train", [f"paths.data_dir={shapes.parent}"])
     torch.manual_seed(0)
     model = load_model(OmegaConf.to_container(cfg.model, resolve=True))[0]
 

@@ -13,7 +13,6 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from vlm.data.synthetic.shapes import ensure_shapes
 from vlm.models.clip import ClipModel, ContrastiveHead
 from vlm.models.text_encoders import TextEncoder
 
@@ -24,18 +23,18 @@ TINY_TEXT = {"model_type": "clip_text_model", "vocab_size": 50, "hidden_size": 3
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> Path:
-    return ensure_shapes(tmp_path_factory.mktemp("data") / "shapes", num_train=300, num_val=40, num_test=60,
-                         samples_per_shard=100)
-
-
-def cfg_for(shapes: Path, config: str, *overrides: str):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose(config, overrides=[f"paths.data_dir={shapes.parent}", *overrides])
+def shapes(make_shapes) -> Path:
+    return make_shapes(num_train=300, num_val=40, num_test=60, samples_per_shard=100)
 
 
 @pytest.fixture(scope="module")
-def clip_run(shapes: Path, tmp_path_factory) -> Path:
+def cfg_for(compose_config):
+    """`cfg_for(shapes, config, *overrides)`: conf/<config>.yaml on this module's shapes world."""
+    return lambda shapes, config, *overrides: compose_config(config, [f"paths.data_dir={shapes.parent}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def clip_run(shapes: Path, tmp_path_factory, cfg_for) -> Path:
     """A 6-step clip stage: FLIP at 0.5 for 4 steps, then 2 unmasked steps; a validation with both tasks at the end."""
     from vlm.run import run_stage
 
@@ -93,16 +92,18 @@ def test_text_tower_from_a_local_directory(tmp_path: Path) -> None:
 # ---- the dual encoder -------------------------------------------------------------------------------------------
 def test_head_initialisation_and_clamp() -> None:
     clip, siglip = ContrastiveHead("clip"), ContrastiveHead("siglip")
-    assert clip.logit_scale.shape == (1,) and float(clip.logit_scale.detach().exp()) == pytest.approx(1 / 0.07, rel=1e-6)
+    assert clip.logit_scale.shape == (1,)
+    assert float(clip.logit_scale.detach().exp()) == pytest.approx(1 / 0.07, rel=1e-6)
     assert clip.logit_bias is None
-    assert float(siglip.logit_scale.detach().exp()) == pytest.approx(10.0) and float(siglip.logit_bias.detach()) == -10.0
+    assert float(siglip.logit_scale.detach().exp()) == pytest.approx(10.0)
+    assert float(siglip.logit_bias.detach()) == -10.0
     with torch.no_grad():
         clip.logit_scale.fill_(7.0)
     clip.clamp_()
     assert float(clip.logit_scale.detach()) == pytest.approx(math.log(100.0))
 
 
-def test_model_directory_round_trip(shapes: Path, tmp_path: Path) -> None:
+def test_model_directory_round_trip(shapes: Path, tmp_path: Path, cfg_for) -> None:
     from vlm.loading import build_processor, load_model
     from vlm.data.clip_processor import ClipProcessor
 
@@ -150,7 +151,7 @@ def test_clip_stage_end_to_end(clip_run: Path) -> None:
 
 
 @pytest.mark.parametrize("task", ["zeroshot", "retrieval"])
-def test_evaluate_tasks_on_the_clip_model(shapes: Path, clip_run: Path, tmp_path: Path, task: str) -> None:
+def test_evaluate_tasks_on_the_clip_model(shapes: Path, clip_run: Path, tmp_path: Path, task: str, cfg_for) -> None:
     from vlm.run import run_evaluation
 
     metrics = run_evaluation(cfg_for(shapes, "evaluate", f"task={task}", f"model_dir={clip_run / 'model'}",
@@ -216,7 +217,7 @@ def test_retrieval_recall_by_hand() -> None:
 
 
 # ---- hand-over to a VLM at another resolution ---------------------------------------------------------------------
-def test_clip_encoder_seeds_a_vlm_at_a_new_resolution(shapes: Path, clip_run: Path) -> None:
+def test_clip_encoder_seeds_a_vlm_at_a_new_resolution(shapes: Path, clip_run: Path, cfg_for) -> None:
     from vlm.loading import load_model
 
     cfg = cfg_for(shapes, "train", "stage=align", f"model.encoder.init_from={clip_run / 'model'}",
@@ -245,7 +246,7 @@ def test_clip_vit_b16_preset_matches_openai_clip(capsys: pytest.CaptureFixture[s
 
     from vlm.summary import main
 
-    summary = main(["model=clip_vit_b16", "--json"])
+    summary = main(["model=clip_vit_b16", "json=true"])
     counts = json.loads(capsys.readouterr().out)
     assert counts == summary
     vision = OmegaConf.load(Path(CONF) / "model" / "encoder" / "clip_vit_b16.yaml").config

@@ -73,8 +73,7 @@ def test_images_converter(tmp_path: Path, processor: Processor, capsys, table: s
         captions = tmp_path / "captions.jsonl"
         captions.write_text("".join(json.dumps({"image": n, "text": c}) + "\n" for n, c in rows) + "{oops\n")
     out = tmp_path / "shards"
-    assert main(["images", "--images", str(images), "--captions", str(captions), "--out", str(out),
-                 "--samples-per-shard", "1"]) == 0
+    assert main(["images", f"images={images}", f"captions={captions}", f"out={out}", "samples_per_shard=1"]) == 0
     summary = capsys.readouterr().out.strip().splitlines()[-1]
     bad_row = "bad_row 1, " if table == "jsonl" else ""  # the JSONL's last line is not JSON
     expected = (f"images: written 2, skipped {4 + bool(bad_row)} ({bad_row}corrupt_image 1, missing_caption 1, "
@@ -124,8 +123,8 @@ def test_llava_converter(tmp_path: Path, processor: Processor, capsys) -> None:
     data = tmp_path / "llava.json"
     data.write_text(json.dumps(LLAVA))
     out = tmp_path / "shards"
-    assert main(["llava", "--json", str(data), "--images", str(images), "--out", str(out),
-                 "--samples-per-shard", "3", "--quiet"]) == 0
+    assert main(["llava", f"json={data}", f"images={images}", f"out={out}", "samples_per_shard=3",
+                 "quiet=true"]) == 0
     summary = capsys.readouterr().out.strip().splitlines()[-1]
     assert summary.startswith("llava: written 4, skipped 4 (corrupt_image 1, missing_image 1, no_assistant_turn 1, "
                               "too_many_image_tags 1)"), summary
@@ -154,8 +153,8 @@ def test_llava_converter(tmp_path: Path, processor: Processor, capsys) -> None:
 
 
 def test_synthetic_converter(tmp_path: Path, capsys) -> None:
-    args = ["synthetic", "--root", str(tmp_path / "s"), "--num-train", "12", "--num-val", "4", "--num-test", "4",
-            "--samples-per-shard", "5", "--image-size", "16", "--quiet"]
+    args = ["synthetic", f"root={tmp_path / 's'}", "num_train=12", "num_val=4", "num_test=4", "samples_per_shard=5",
+            "image_size=16", "quiet=true"]
     main(args)
     first = capsys.readouterr().out.strip().splitlines()[-1]
     assert first.startswith("synthetic: written 20, skipped 0") and "train 12, val 4, test 4" in first

@@ -15,7 +15,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vlm.data.synthetic.shapes import ensure_shapes
 from vlm.distributed import block_classes, find_blocks, materialize, meta_skeleton, resolve_dtype
 from vlm.models.vlm import VisionLanguageModel
 from vlm.stages.generative import GenerativeStage
@@ -23,26 +22,17 @@ from vlm.stages.generative import GenerativeStage
 sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
 from launch import run_script  # noqa: E402
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
 OPTIM = {"lr": 1e-2, "warmup_steps": 1, "weight_decay": 0.01, "scheduler": "cosine"}  # as in scripts/ddp_run.py
 
 
+# `shapes` (conftest): the sizes of debug=tiny_shapes, which tests/scripts/*.py compose with: the data is ready
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> Path:
-    # the sizes tests/scripts/*.py compose with, so the scripts find the data ready
-    return ensure_shapes(tmp_path_factory.mktemp("data") / "shapes", num_train=200, num_val=20, num_test=20,
-                         samples_per_shard=100)
-
-
-@pytest.fixture(scope="module")
-def base_dir(shapes: Path, tmp_path_factory) -> Path:
-    from hydra import compose, initialize_config_dir
+def base_dir(shapes: Path, compose_config, tmp_path_factory) -> Path:
     from omegaconf import OmegaConf
 
     from vlm.loading import load_model
 
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("train", overrides=[f"paths.data_dir={shapes.parent}"])
+    cfg = compose_config("train", [f"paths.data_dir={shapes.parent}"])
     torch.manual_seed(0)
     model, tokenizer = load_model(OmegaConf.to_container(cfg.model, resolve=True))
     return model.save_pretrained(tmp_path_factory.mktemp("base") / "model", tokenizer)
@@ -104,6 +94,7 @@ def fixed_batches(model: VisionLanguageModel, steps: int, ranks: int = 2, per_ra
     return out
 
 
+@pytest.mark.slow
 def test_ddp_equals_one_process_with_the_combined_batch(base_dir: Path, tmp_path: Path) -> None:
     model, _ = VisionLanguageModel.from_pretrained(base_dir)
     steps = 3
@@ -134,6 +125,7 @@ def test_ddp_equals_one_process_with_the_combined_batch(base_dir: Path, tmp_path
 
 
 # ---- FSDP2 ------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_fsdp_preset_align_and_sft_sharded_checkpoints_and_consolidation(shapes: Path, base_dir: Path,
                                                                         tmp_path: Path) -> None:
     from vlm.checkpointing import apply_checkpoint, list_checkpoints, load_trainable_weights

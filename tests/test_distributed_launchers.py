@@ -82,20 +82,15 @@ def test_slurm_ranks_with_lightning_requeue_off(monkeypatch) -> None:
     assert cluster_plugins() == []
 
 
-def test_local_launcher_runs_a_sweep_with_a_run_directory_per_job(tmp_path: Path, monkeypatch) -> None:
-    from vlm.data.synthetic.shapes import ensure_shapes
-
-    shapes = ensure_shapes(tmp_path / "data" / "shapes", num_train=200, num_val=20, num_test=20,
-                           samples_per_shard=100)
+@pytest.mark.slow
+def test_local_launcher_runs_a_sweep_with_a_run_directory_per_job(tmp_path: Path, monkeypatch, shapes) -> None:
     import runpy
 
     sweep = tmp_path / "sweep"
     monkeypatch.setenv("VLM_ROOT", str(tmp_path))  # train.py would set it to the checkout for the whole process
     monkeypatch.setattr(sys, "argv", [
         "train.py", "-m", "hydra/launcher=local", "stage=align", "seed=0,1", f"paths.data_dir={shapes.parent}",
-        "data.prepare.num_train=200", "data.prepare.num_val=20", "data.prepare.num_test=20",
-        "data.prepare.samples_per_shard=100", "data.num_workers=0", "data.batch_size=2", "trainer.max_steps=2",
-        "trainer.limit_val_batches=1", "trainer.val_check_interval=1000", "logger=none",
+        "debug=tiny_shapes", "data.batch_size=2", "trainer.val_check_interval=1000", "logger=none",
         f"hydra.sweep.dir={sweep}", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"])
     try:
         runpy.run_path(str(Path(CONF).parent / "train.py"), run_name="__main__")

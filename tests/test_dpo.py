@@ -232,9 +232,9 @@ def test_preference_record_and_its_bad_pairs():
         "missing_reply": dict(prompt=prompt, chosen="red"),
         "missing_prompt": dict(chosen="red", rejected="blue"),
     }
-    for reason, json in bad.items():
+    for reason, fields in bad.items():
         with pytest.raises(SkipSample) as info:
-            preference_record(_sample(**json))
+            preference_record(_sample(**fields))
         assert info.value.reason == reason
     no_image = {"__key__": "k", "json": dict(prompt=prompt, chosen="red", rejected="blue")}
     with pytest.raises(SkipSample) as info:
@@ -300,8 +300,8 @@ def test_converters_from_trl_and_rlaif_v_skip_and_count_bad_pairs(tmp_path):
     ]
     (tmp_path / "rlaif.json").write_text(json.dumps(rlaif))
     for source, name in (("trl", "trl.jsonl"), ("rlaif-v", "rlaif.json")):
-        main(["preference", source, "--input", str(tmp_path / name), "--images", str(tmp_path),
-              "--out", str(tmp_path / source), "--quiet"])
+        main(["preference", f"source={source}", f"input={tmp_path / name}", f"images={tmp_path}",
+              f"out={tmp_path / source}", "quiet=true"])
     trl_stats = json.loads((tmp_path / "trl" / "train.stats.json").read_text())
     assert trl_stats["written"] == 3
     assert trl_stats["skipped"] == {"corrupt_image": 1, "identical_replies": 1, "missing_reply": 1,
@@ -309,8 +309,8 @@ def test_converters_from_trl_and_rlaif_v_skip_and_count_bad_pairs(tmp_path):
     rlaif_stats = json.loads((tmp_path / "rlaif-v" / "train.stats.json").read_text())
     assert rlaif_stats["written"] == 1
     assert rlaif_stats["skipped"] == {"missing_image": 2, "missing_reply": 1, "outside_images": 1}
-    main(["preference", "rlaif-v", "--input", str(tmp_path / "rlaif.json"), "--images", str(tmp_path),
-          "--out", str(tmp_path / "outside"), "--quiet", "--allow-outside"])
+    main(["preference", "source=rlaif-v", f"input={tmp_path / 'rlaif.json'}", f"images={tmp_path}",
+          f"out={tmp_path / 'outside'}", "quiet=true", "allow_outside=true"])
     assert json.loads((tmp_path / "outside" / "train.stats.json").read_text())["written"] == 2
 
     records = []
@@ -328,6 +328,7 @@ def test_converters_from_trl_and_rlaif_v_skip_and_count_bad_pairs(tmp_path):
 
 
 # ---- end to end -------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_sft_then_dpo_recipe_on_the_shapes_world(tmp_path):
     """sft for a few steps, then `recipe=quickstart_dpo` from its model directory (reference=precomputed, so the
     first pass through fit runs too): a model directory, the reward logs, and VQA and POPE metrics."""

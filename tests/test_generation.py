@@ -51,12 +51,8 @@ def tiny_vlm(tokenizer_dir: Path, attention: str = "causal", seed: int = 0):
 
 
 @pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    from vlm.data.synthetic.shapes import ensure_shapes
-
-    root = ensure_shapes(tmp_path_factory.mktemp("data") / "shapes", num_train=8, num_val=2, num_test=2,
-                         samples_per_shard=8)
-    return root / "tokenizer"
+def tokenizer_dir(make_shapes) -> Path:
+    return make_shapes(num_train=8, num_val=2, num_test=2, samples_per_shard=8) / "tokenizer"
 
 
 def prompts(model, tokenizer, questions: list[str]) -> dict:

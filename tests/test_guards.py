@@ -14,21 +14,14 @@ import torch
 from vlm.stages.base import NonFiniteLossError, effective_batch_report
 from vlm.stages.generative import GenerativeStage
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
-
 
 @pytest.fixture(scope="module")
-def model_factory(tmp_path_factory):
-    from hydra import compose, initialize_config_dir
+def model_factory(shapes, compose_config):
     from omegaconf import OmegaConf
 
-    from vlm.data.synthetic.shapes import ensure_shapes
     from vlm.loading import load_model
 
-    shapes = ensure_shapes(tmp_path_factory.mktemp("data") / "shapes", num_train=200, num_val=20, num_test=20,
-                           samples_per_shard=100)
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("train", overrides=[f"paths.data_dir={shapes.parent}"])
+    cfg = compose_config("train", [f"paths.data_dir={shapes.parent}"])
     torch.manual_seed(0)
     model = load_model(OmegaConf.to_container(cfg.model, resolve=True))[0]
 
@@ -90,16 +83,13 @@ def test_nonfinite_loss_in_an_accumulated_micro_batch_skips_the_whole_step(model
     assert all(torch.isfinite(p).all() for p in model.projector.parameters())
 
 
-def test_effective_batch_size_report_and_trainer_config() -> None:
-    from hydra import compose, initialize_config_dir
-
+def test_effective_batch_size_report_and_trainer_config(compose_config) -> None:
     trainer = SimpleNamespace(datamodule=SimpleNamespace(batch_size=16), accumulate_grad_batches=4,
                               strategy=SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 64}))
     assert effective_batch_report(trainer) == ("effective global batch size: 16 per device x 4 accumulation x 64 "
                                                "data-parallel ranks = 4096")
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("train", overrides=["trainer=fsdp", "trainer.gradient_clip_val=0.5",
-                                          "trainer.accumulate_grad_batches=8", "guards.nonfinite_loss=skip"])
+    cfg = compose_config("train", ["trainer=fsdp", "trainer.gradient_clip_val=0.5", "trainer.accumulate_grad_batches=8",
+                                   "guards.nonfinite_loss=skip"])
     assert cfg.trainer.gradient_clip_val == 0.5 and cfg.trainer.accumulate_grad_batches == 8
     assert cfg.guards.nonfinite_loss == "skip"
 

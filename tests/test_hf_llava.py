@@ -240,16 +240,14 @@ def warnings_of(name: str):
         def emit(self, record: logging.LogRecord) -> None:
             messages.append(record.getMessage())
 
-    handler, level, disabled = Collect(logging.WARNING), logger.level, logger.disabled
+    handler, level = Collect(logging.WARNING), logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.WARNING)
-    logger.disabled = False
     try:
         yield messages
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
-        logger.disabled = disabled
 
 
 @pytest.mark.parametrize(("family", "layer", "strategy"),

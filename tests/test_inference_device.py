@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from test_safe_loading import world  # noqa: F401  (the shared tiny saved model, one per module)
 from vlm.device import place, resolve_device
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")

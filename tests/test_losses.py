@@ -120,6 +120,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_equal_the_global_batch(tmp_path: Path) -> None:
     import torch.multiprocessing as mp
 

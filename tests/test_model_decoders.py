@@ -41,7 +41,8 @@ def test_export_config_rebuilds_resized_decoder() -> None:
     assert spec["pretrained"] is False and spec["config"]["vocab_size"] == 45
     assert spec["type"] == "hf_causal_lm"
     rebuilt = build("decoder", spec, "decoder")
-    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in decoder.state_dict().items()}
+    shapes = {k: v.shape for k, v in decoder.state_dict().items()}
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == shapes
 
 
 def test_missing_source_and_lora_errors() -> None:

@@ -13,12 +13,10 @@ from vlm.analysis.nearest_tokens import main, nearest_tokens, token_grid
 
 
 @pytest.fixture(scope="module")
-def model_and_dir(tmp_path_factory):
+def model_and_dir(tmp_path_factory, tiny_shapes):
     from test_generation import tiny_vlm
-    from vlm.data.synthetic.shapes import ensure_shapes
 
-    root = tmp_path_factory.mktemp("nearest")
-    shapes = ensure_shapes(root / "shapes", num_train=4, num_val=2, num_test=2, samples_per_shard=4)
+    root, shapes = tmp_path_factory.mktemp("nearest"), tiny_shapes
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     model, tokenizer = tiny_vlm(shapes / "tokenizer")
@@ -105,7 +103,8 @@ def test_tiled_model_one_word_per_tile_token(model_and_dir, tmp_path: Path, caps
     special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
     with torch.no_grad():
         for index, view in ((1, result.tiles[1]), (4, result.thumbnail)):
-            sim = torch.nn.functional.normalize(model.eval().encode_images(pixels[index:index + 1])[0], dim=-1) @ table.T
+            embedded = model.eval().encode_images(pixels[index:index + 1])[0]
+            sim = torch.nn.functional.normalize(embedded, dim=-1) @ table.T
             sim[:, sorted(i for i in special if i < len(tokenizer))] = float("-inf")
             assert view.ids == sim.argmax(-1).tolist()
     assert Image.open(out).size == (2 * 768 + 16, 768)

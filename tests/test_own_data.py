@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from vlm.data.bpe import foreign_tokenizer_warning, shard_texts, trained_on, warn_foreign_tokenizer
@@ -18,7 +17,6 @@ from vlm.data.tokens import IMAGE_TOKEN, load_tokenizer, tile_token
 from vlm.loading import explicit_model_keys, load_model
 from vlm.models.vlm import VisionLanguageModel
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 @pytest.fixture(scope="module")
@@ -27,23 +25,18 @@ def own(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("own")
     shapes = ensure_shapes(root / "shapes", num_train=60, num_val=8, num_test=8, samples_per_shard=30)
     files = write_example_files(root / "files", num_train=24, num_test=4)
-    assert convert(["images", "--images", str(files / "photos"), "--captions", str(files / "captions.csv"),
-                    "--out", str(root / "captions"), "--samples-per-shard", "10", "--quiet"]) == 0
-    assert convert(["llava", "--json", str(files / "conversations.json"), "--images", str(files / "photos"),
-                    "--out", str(root / "chat"), "--samples-per-shard", "10", "--quiet"]) == 0
+    assert convert(["images", f"images={files / 'photos'}", f"captions={files / 'captions.csv'}",
+                    f"out={root / 'captions'}", "samples_per_shard=10", "quiet=true"]) == 0
+    assert convert(["llava", f"json={files / 'conversations.json'}", f"images={files / 'photos'}",
+                    f"out={root / 'chat'}", "samples_per_shard=10", "quiet=true"]) == 0
     return {"shapes": shapes, "captions": root / "captions", "chat": root / "chat", "root": root}
-
-
-def compose_train(*overrides: str):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose("train", overrides=list(overrides))
 
 
 # ---- a tokenizer from your shards -------------------------------------------------------------------------------
 def test_tokenizer_converter_round_trips_the_shards_text(own: dict[str, Path]) -> None:
     shards = f"{own['captions'] / 'train.txt'}::{own['chat'] / 'train.txt'}"
     out = own["root"] / "tokenizer"
-    assert convert(["tokenizer", "--shards", shards, "--vocab-size", "400", "--out", str(out), "--quiet"]) == 0
+    assert convert(["tokenizer", f"shards={shards}", "vocab_size=400", f"out={out}", "quiet=true"]) == 0
     texts = list(shard_texts(shards))
     assert len(texts) == 24 + sum(1 for _ in shard_texts(str(own["chat"] / "train.txt")))  # captions + turns
     assert any("how many shapes are there?" == t for t in texts) and all(IMAGE_TOKEN not in t for t in texts)
@@ -72,19 +65,21 @@ def test_tokenizer_converter_round_trips_the_shards_text(own: dict[str, Path]) -
 
 
 # ---- init_from keeps the model it loads ------------------------------------------------------------------------
-def tiled_model_dir(own: dict[str, Path]) -> Path:
+def tiled_model_dir(own: dict[str, Path], compose_config) -> Path:
     """A model like the quickstart's (model=tiny_tiled, 4 decoder layers) at 64 px tiles, unlike the default model=
     (32 px, 3 layers), saved."""
-    cfg = compose_train(f"paths.data_dir={own['shapes'].parent}", "model=tiny_tiled", "model.encoder.image_size=64")
+    cfg = compose_config("train", [f"paths.data_dir={own['shapes'].parent}", "model=tiny_tiled",
+                                   "model.encoder.image_size=64"])
     model, tokenizer = load_model(OmegaConf.to_container(cfg.model, resolve=True))
     return model.save_pretrained(own["root"] / "tiled", tokenizer)
 
 
-def test_init_from_keeps_the_loaded_image_size_and_architecture(own: dict[str, Path], caplog, monkeypatch) -> None:
+def test_init_from_keeps_the_loaded_image_size_and_architecture(own: dict[str, Path], caplog, monkeypatch,
+                                                                 compose_config) -> None:
     monkeypatch.setattr(logging.getLogger("vlm"), "disabled", False)  # hydra/job_logging=disabled elsewhere
-    directory = tiled_model_dir(own)
+    directory = tiled_model_dir(own, compose_config)
     overrides = [f"paths.data_dir={own['shapes'].parent}", "stage=sft", f"init_from={directory}"]
-    cfg = compose_train(*overrides)  # the default model=tiny: 32 px, 3 decoder layers
+    cfg = compose_config("train", overrides)  # the default model=tiny: 32 px, 3 decoder layers
     assert cfg.model.encoder.image_size == 32 and cfg.model.decoder.config.num_hidden_layers == 3
     with caplog.at_level(logging.WARNING, logger="vlm"):
         model, _ = load_model(OmegaConf.to_container(cfg.model, resolve=True), directory,
@@ -93,7 +88,7 @@ def test_init_from_keeps_the_loaded_image_size_and_architecture(own: dict[str, P
     assert model.config["max_tiles"] == 4 and not caplog.records
     # the image size (and max_length) change when given explicitly, in one line; the architecture never does
     overrides += ["model.encoder.image_size=32", "model.decoder.config.num_hidden_layers=2"]
-    cfg = compose_train(*overrides)
+    cfg = compose_config("train", overrides)
     with caplog.at_level(logging.WARNING, logger="vlm"):
         model, _ = load_model(OmegaConf.to_container(cfg.model, resolve=True), directory,
                               explicit_model_keys(overrides))
@@ -106,20 +101,20 @@ def test_init_from_keeps_the_loaded_image_size_and_architecture(own: dict[str, P
 
 
 # ---- data=shards: one override -----------------------------------------------------------------------------------
-def test_data_shards_trains_with_only_data_train_from_a_loaded_model(own: dict[str, Path]) -> None:
+def test_data_shards_trains_with_only_data_train_from_a_loaded_model(own: dict[str, Path], compose_config) -> None:
     """`data=shards data.train=...` (no val, no test, nothing generated) under the default model=, from init_from:
     the stage trains, and the model directory it writes is still the loaded one (64 px tiles, 4 layers)."""
     from vlm.run import run_stage
 
     directory = own["root"] / "tiled"
     if not directory.exists():
-        tiled_model_dir(own)
+        tiled_model_dir(own, compose_config)
     run_dir = own["root"] / "run"
     overrides = ["stage=align", "data=shards", f"data.train={own['captions'] / 'train.txt'}",
                  f"init_from={directory}", f"run_dir={run_dir}", "paths.data_dir=/nonexistent",
                  "trainer.max_steps=2", "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=0",
                  "logger=none"]
-    cfg = compose_train(*overrides)
+    cfg = compose_config("train", overrides)
     assert cfg.data.val is None and cfg.data.test is None and cfg.data.get("prepare") is None
     model_dir = run_stage(cfg, overrides)
     model, _ = VisionLanguageModel.from_pretrained(model_dir)
@@ -132,10 +127,11 @@ def test_data_shards_trains_with_only_data_train_from_a_loaded_model(own: dict[s
     saved = OmegaConf.load(run_dir / "config.yaml")
     assert list(saved.init_model_keys) == []
     with pytest.raises(ValueError, match="no training data: set data.train="):  # data=shards without data.train says so
-        run_stage(compose_train("stage=align", "data=shards", f"run_dir={run_dir}-x", "logger=none"), [])
+        run_stage(compose_config("train", ["stage=align", "data=shards", f"run_dir={run_dir}-x", "logger=none"]), [])
 
 
 # ---- a real model name offline: one short message ----------------------------------------------------------------
+@pytest.mark.slow
 def test_offline_model_name_gives_one_short_message(own: dict[str, Path]) -> None:
     import os
     import subprocess

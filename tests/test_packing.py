@@ -18,15 +18,10 @@ VOCAB = 40
 
 
 @pytest.fixture
-def logs(caplog, monkeypatch):
-    """caplog at INFO, with our loggers switched back on: a logging config applied by an earlier test in the same
-    process (Hydra's, Lightning's) may have disabled loggers that existed then."""
+def logs(caplog):
+    """caplog at INFO (the logging state an earlier test changed is put back by conftest's restore_logging)."""
     import logging
 
-    for name, logger in list(logging.root.manager.loggerDict.items()):
-        if name.startswith(("vlm", "lightning")) and isinstance(logger, logging.Logger):
-            monkeypatch.setattr(logger, "disabled", False)
-            monkeypatch.setattr(logger, "propagate", True)
     caplog.set_level(logging.INFO)
     return caplog
 
@@ -231,11 +226,8 @@ def test_a_group_stays_in_one_row_in_order() -> None:
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> Path:
-    from vlm.data.synthetic.shapes import ensure_shapes
-
-    return ensure_shapes(tmp_path_factory.mktemp("packing") / "shapes", num_train=120, num_val=10, num_test=10,
-                         samples_per_shard=20)
+def shapes(make_shapes) -> Path:
+    return make_shapes(num_train=120, num_val=10, num_test=10, samples_per_shard=20)
 
 
 @pytest.fixture(scope="module")

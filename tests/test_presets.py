@@ -18,7 +18,7 @@ from vlm.summary import main
 
 
 def summary(capsys: pytest.CaptureFixture[str], *overrides: str) -> dict:
-    main([*overrides, "--json"])
+    main([*overrides, "json=true"])
     return json.loads(capsys.readouterr().out)
 
 

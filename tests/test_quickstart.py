@@ -48,6 +48,7 @@ def test_the_recipe_resolution_never_falls_and_rises():
 PREFIX = re.compile(r"^\d\d:\d\d:\d\d (?:(?:DEBUG|WARNING|ERROR|CRITICAL) )?")
 
 
+@pytest.mark.slow
 def test_first_run_output(tmp_path: Path, monkeypatch, capfd) -> None:
     """`python train.py` (tiny step counts): no duplicated lines, no third-party tips, one summary, curves.png."""
     from vlm.data.synthetic.shapes import ensure_shapes

@@ -1,6 +1,6 @@
 """Exact resume (issue 5): a stage interrupted four ways - SIGKILL right after a checkpoint, SIGKILL while writing
-the next one, the preemption signal, and SIGTERM (issue 17) - and resumed each time with `resume=auto`, ends with the weights and the
-logged curves of an uninterrupted run of the same length.
+the next one, the preemption signal, and SIGTERM (issue 17) - and resumed each time with `resume=auto`, ends with
+the weights and the logged curves of an uninterrupted run of the same length.
 
 The stage is `sft` with LoRA dropout, so the RNG state matters; data come from the shapes stream with
 `num_workers=0` (the data module's own state fast-forwards the stream). Runs that must die by SIGKILL are subprocesses (tests/scripts/resume_run.py); the others run here.
@@ -17,7 +17,6 @@ import torch
 from safetensors.torch import load_file
 
 from vlm.checkpointing import list_checkpoints
-from vlm.data.synthetic.shapes import ensure_shapes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
 from launch import run_script  # noqa: E402
@@ -26,12 +25,6 @@ from resume_run import compose_config  # noqa: E402
 STEPS = 8
 RUN = ["stage=sft", f"trainer.max_steps={STEPS}", "callbacks.checkpoint.every_n_steps=2",
        "callbacks.checkpoint.keep_last=2", "stage.lora={r:4,alpha:8,dropout:0.1,target_modules:[q_proj,v_proj]}"]
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> Path:
-    return ensure_shapes(tmp_path_factory.mktemp("data") / "shapes", num_train=200, num_val=20, num_test=20,
-                         samples_per_shard=100)
 
 
 def log_rows(run_dir: Path) -> dict[tuple[int, str], float]:
@@ -60,6 +53,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_killed_twice_and_preempted_run_resumes_to_the_uninterrupted_result(shapes: Path, tmp_path: Path,
                                                                             monkeypatch, one_thread) -> None:
     from vlm.stages.base import Stage
@@ -136,7 +130,7 @@ def test_killed_twice_and_preempted_run_resumes_to_the_uninterrupted_result(shap
     # a stage checkpoint alone (plus the run's config.yaml for the base) gives the model directory back
     from vlm.checkpointing import main as checkpoint_to_model
 
-    rebuilt = checkpoint_to_model([str(reference / "checkpoints" / f"step-{STEPS:08d}.ckpt"),
-                                   "--out", str(tmp_path / "from-checkpoint")])
+    rebuilt = checkpoint_to_model([f"checkpoint={reference / 'checkpoints' / f'step-{STEPS:08d}.ckpt'}",
+                                   f"out={tmp_path / 'from-checkpoint'}"])
     for key, value in load_file(rebuilt / "model.safetensors").items():
         torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=lambda m: f"{key}: {m}")

@@ -61,21 +61,7 @@ def test_the_payloads_run_code_when_hydra_instantiates_them(payload, tmp_path: P
     assert marker.exists()
 
 
-# ---- a tiny saved model, shared ------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict[str, Path]:
-    from test_generation import tiny_vlm
-    from vlm.data.synthetic.shapes import ensure_shapes
-
-    root = tmp_path_factory.mktemp("safe")
-    shapes = ensure_shapes(root / "shapes", num_train=4, num_val=2, num_test=4, samples_per_shard=4)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    model, tokenizer = tiny_vlm(shapes / "tokenizer")
-    model_dir = model.save_pretrained(root / "model", tokenizer)
-    Image.new("RGB", (16, 16), (200, 30, 30)).save(root / "red.png")
-    yield {"root": root, "shapes": shapes, "model": model_dir, "image": root / "red.png"}
-    torch.set_num_threads(before)
+# ---- a tiny saved model, shared: `world` (conftest) ----------------------------------------------------------------
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -297,7 +283,7 @@ def test_checkpoint_becomes_a_model_directory_through_the_registry(run, tmp_path
     from vlm.checkpointing import main
     from vlm.models.vlm import VisionLanguageModel
 
-    out = main([str(run["checkpoint"]), "--out", str(tmp_path / "model")])
+    out = main([f"checkpoint={run['checkpoint']}", f"out={tmp_path / 'model'}"])
     loaded, tokenizer = VisionLanguageModel.from_pretrained(out)
     weights = loaded.state_dict()
     for key, value in run["state"].items():  # the checkpoint's projector
@@ -334,5 +320,5 @@ def test_crafted_run_config_is_refused_by_checkpointing(run, tmp_path: Path, whe
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(crafted_run_config(run, where, marker)))
     with pytest.raises(UnsafeConfigError, match=RUN_EXPECTED[where]):
-        main([str(run["checkpoint"]), "--out", str(tmp_path / "model"), "--config", str(config)])
+        main([f"checkpoint={run['checkpoint']}", f"out={tmp_path / 'model'}", f"config={config}"])
     assert not marker.exists() and not (tmp_path / "model").exists()

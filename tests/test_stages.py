@@ -12,7 +12,6 @@ from hydra import compose, initialize_config_dir
 
 from vlm.data.collate import Collator
 from vlm.data.formats import Record
-from vlm.data.synthetic.shapes import ensure_shapes
 from vlm.loading import build_processor, load_model
 from vlm.models.vlm import VisionLanguageModel
 from vlm.stages.generative import GenerativeStage
@@ -21,9 +20,8 @@ CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> Path:
-    return ensure_shapes(tmp_path_factory.mktemp("data") / "shapes", num_train=300, num_val=40, num_test=40,
-                         samples_per_shard=100)
+def shapes(make_shapes) -> Path:
+    return make_shapes(num_train=300, num_val=40, num_test=40, samples_per_shard=100)
 
 
 def tiny_model(shapes: Path):
@@ -116,6 +114,7 @@ def test_lora_trains_adapters_and_exports_merged(shapes: Path, tmp_path: Path) -
     assert any(not torch.equal(base[k], merged[k]) for k in base if k in merged), "LoRA changed nothing"
 
 
+@pytest.mark.slow
 def test_recipe_end_to_end(shapes: Path, tmp_path: Path) -> None:
     """Every stage of the quickstart recipe runs, hands its model on, and the evaluation writes metrics."""
     from vlm.run import run_recipe

@@ -25,47 +25,9 @@ from vlm.data.shards import expand_shards
 from vlm.data.skips import NoUsableSamples, SkipCounter
 from vlm.data.tar import iterate_samples
 from vlm.data.processor import Processor
-from vlm.data.synthetic.shapes import ensure_shapes
 from vlm.data.tokens import load_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
-
-
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    @property
-    def text(self) -> str:
-        return "\n".join(r.getMessage() for r in self.records)
-
-
-@pytest.fixture()
-def logs(monkeypatch):
-    """Warnings of our `vlm` loggers, collected by a handler on `vlm` itself: the root logger's configuration (which
-    caplog relies on) may have been changed by an earlier test in the session (Hydra's job logging, say)."""
-    handler = _Records()
-    logger = logging.getLogger("vlm")
-    for name, each in list(logging.Logger.manager.loggerDict.items()):
-        if isinstance(each, logging.Logger) and (name == "vlm" or name.startswith("vlm.")):
-            monkeypatch.setattr(each, "disabled", False)
-    monkeypatch.setattr(logging.root.manager, "disable", logging.NOTSET)
-    previous = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.WARNING)
-    yield handler
-    logger.removeHandler(handler)
-    logger.setLevel(previous)
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> Path:
-    return ensure_shapes(tmp_path_factory.mktemp("alive") / "shapes", num_train=200, num_val=20, num_test=20,
-                         samples_per_shard=100)
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +79,7 @@ def _keys(batches) -> list[str]:
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_bad_shards_and_wrongly_typed_fields_are_counted_never_fatal(bad_shards: Path, processor: Processor,
-                                                                     workers: int, logs) -> None:
+                                                                     workers: int, vlm_warnings) -> None:
     dm = DataModule(processor, str(bad_shards), format="conversation", batch_size=4, num_workers=workers,
                     resampled=True, shuffle_buffer=0, val=str(bad_shards))
     loader = iter(dm.train_dataloader())
@@ -129,7 +91,7 @@ def test_bad_shards_and_wrongly_typed_fields_are_counted_never_fatal(bad_shards:
     assert "g001" not in keys and {"g000", "g002"} <= set(keys)
     assert all(k[0] in "gcz" for k in keys)
     if workers == 0:  # the first warnings name the shard
-        warned = [r.getMessage() for r in logs.records if "read_error" in r.getMessage()]
+        warned = [r.getMessage() for r in vlm_warnings.records if "read_error" in r.getMessage()]
         assert warned and all(re.search(r"shard \S+/(empty|notatar|cut)\.tar", m) for m in warned), warned
     # validation reads the same list in one pass, and evaluation too
     assert {"g000", "g011"} <= set(_keys(dm.val_dataloader()))
@@ -226,8 +188,8 @@ def test_align_trains_on_converted_llava_stage1_data(tmp_path: Path, shapes: Pat
         Image.new("RGB", (20, 20), (int(entry["id"][-2:]) * 20, 90, 30)).save(images / entry["image"])
     (tmp_path / "blip_laion_cc_sbu_558k.json").write_text(json.dumps(LLAVA_558K))
     out = tmp_path / "shards"
-    assert convert(["llava", "--json", str(tmp_path / "blip_laion_cc_sbu_558k.json"), "--images", str(images),
-                    "--out", str(out), "--samples-per-shard", "5", "--quiet"]) == 0
+    assert convert(["llava", f"json={tmp_path / 'blip_laion_cc_sbu_558k.json'}", f"images={images}", f"out={out}",
+                    "samples_per_shard=5", "quiet=true"]) == 0
 
     sample = next(iter(iterate_samples(str(out / "train.txt"))))
     record = to_record(decode_sample(sample), "caption")  # align's format: read as the conversation it is
@@ -259,21 +221,21 @@ def test_converters_skip_rows_of_any_shape_and_images_outside_their_folder(tmp_p
         {"id": "abs", "image": str(tmp_path / "outside.png"), "conversations": turns},
     ]
     (tmp_path / "data.json").write_text(json.dumps(entries))
-    args = ["llava", "--json", str(tmp_path / "data.json"), "--images", str(images), "--quiet"]
-    convert([*args, "--out", str(tmp_path / "a")])
+    args = ["llava", f"json={tmp_path / 'data.json'}", f"images={images}", "quiet=true"]
+    convert([*args, f"out={tmp_path / 'a'}"])
     summary = capsys.readouterr().out.strip().splitlines()[-1]
     assert summary.startswith("llava: written 1, skipped 6 (bad_entry 3, missing_conversation 1, "
                               "outside_images 2)"), summary
     assert (tmp_path / "a" / "train.txt").read_text().split() == ["train-000000.tar"]
     stats = json.loads((tmp_path / "a" / "train.stats.json").read_text())
-    assert stats["written"] == 1 and "--allow-outside" in stats["first_skipped"]["outside_images"]
-    convert([*args, "--out", str(tmp_path / "b"), "--allow-outside"])
+    assert stats["written"] == 1 and "allow_outside=true" in stats["first_skipped"]["outside_images"]
+    convert([*args, f"out={tmp_path / 'b'}", "allow_outside=true"])
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("llava: written 3, skipped 4")
 
     (tmp_path / "rows.jsonl").write_text('{"file": "in.png", "caption": "red"}\n[1, 2]\n7\n'
                                          '{"file": "../outside.png", "caption": "blue"}\n')
-    convert(["images", "--images", str(images), "--captions", str(tmp_path / "rows.jsonl"), "--quiet",
-             "--out", str(tmp_path / "c")])
+    convert(["images", f"images={images}", f"captions={tmp_path / 'rows.jsonl'}", "quiet=true",
+             f"out={tmp_path / 'c'}"])
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith(
         "images: written 1, skipped 3 (bad_row 2, outside_images 1)")
 
@@ -297,8 +259,8 @@ def test_an_aborted_conversion_lists_no_shard(tmp_path: Path, monkeypatch) -> No
 
     monkeypatch.setattr(llava, "image_bytes", failing)
     with pytest.raises(KeyboardInterrupt):
-        convert(["llava", "--json", str(tmp_path / "data.json"), "--images", str(images), "--quiet",
-                 "--out", str(tmp_path / "out"), "--samples-per-shard", "3"])
+        convert(["llava", f"json={tmp_path / 'data.json'}", f"images={images}", "quiet=true",
+                 f"out={tmp_path / 'out'}", "samples_per_shard=3"])
     out = tmp_path / "out"
     assert not (out / "train.txt").exists() and not (out / "train.stats.json").exists()
     assert sorted(p.name for p in out.iterdir()) == ["train-000000.tar"]  # the complete one stays, unlisted

@@ -20,7 +20,6 @@ from vlm.run_lock import RunDirLock, RunDirLocked
 sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_staying_alive_data import logs  # noqa: E402,F401 - the fixture: warnings of our loggers
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -44,13 +43,13 @@ def test_a_second_run_in_a_locked_run_dir_fails_at_once_naming_the_holder(tmp_pa
     RunDirLock(run_dir).acquire()  # released at the end of the block: free again
 
 
-def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path: Path, logs) -> None:
+def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path: Path, vlm_warnings) -> None:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / ".lock").write_text("pid 4194000\nhost crashed-node\nsince 2026-01-01 00:00:00\n")  # a dead holder
     with RunDirLock(run_dir) as lock:
         assert f"pid {os.getpid()}" in lock.path.read_text()
-    assert "taking over the lock left by pid 4194000 on host crashed-node" in logs.text
+    assert "taking over the lock left by pid 4194000 on host crashed-node" in vlm_warnings.text
     assert (run_dir / ".lock").read_text() == ""  # a clean end leaves no holder behind
 
 
@@ -143,14 +142,12 @@ def test_malformed_mcq_options_are_errors(tmp_path: Path, row: dict, message: st
 
 
 # ---- the chat ------------------------------------------------------------------------------------------------------
-def test_the_chat_refuses_a_decompression_bomb_and_goes_on(tmp_path: Path, monkeypatch) -> None:
+def test_the_chat_refuses_a_decompression_bomb_and_goes_on(tmp_path: Path, monkeypatch, tiny_shapes: Path) -> None:
     from test_generation import tiny_vlm
 
     from vlm.chat import main
-    from vlm.data.synthetic.shapes import ensure_shapes
 
-    shapes = ensure_shapes(tmp_path / "shapes", num_train=4, num_val=2, num_test=2, samples_per_shard=4)
-    model, tokenizer = tiny_vlm(shapes / "tokenizer")
+    model, tokenizer = tiny_vlm(tiny_shapes / "tokenizer")
     model_dir = model.save_pretrained(tmp_path / "model", tokenizer)
     Image.new("RGB", (64, 64), (30, 70, 220)).save(tmp_path / "bomb.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 64 x 64 is more than twice that: a bomb to Pillow

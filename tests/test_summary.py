@@ -10,7 +10,7 @@ from vlm.summary import main
 
 
 def test_llava_7b_totals_7_06e9(capsys: pytest.CaptureFixture[str]) -> None:
-    main(["model=llava_7b", "--json"])
+    main(["model=llava_7b", "json=true"])
     counts = json.loads(capsys.readouterr().out)
     assert counts["total"] == pytest.approx(7.06e9, rel=0.01)
     assert counts["total"] == counts["encoder"] + counts["projector"] + counts["decoder"]

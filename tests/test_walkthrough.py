@@ -29,7 +29,7 @@ def walkthrough_commands(readme: Path = REPO / "README.md") -> list[list[str]]:
 def shrink(argv: list[str]) -> list[str]:
     """The same command with tiny sizes: 2 steps, small batches, a small stand-in, few questions."""
     if argv[:3] == ["python", "-m", "vlm.data.synthetic.files"]:
-        return [*argv, "--num-train", "24", "--num-test", "4"]
+        return [*argv, "num_train=24", "num_test=4"]
     if argv[:2] == ["python", "train.py"]:
         kept = [a for a in argv if not a.startswith("trainer.max_steps=")]
         return [*kept, "trainer.max_steps=2", "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=0",
@@ -57,18 +57,8 @@ def run(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
         assert done.code in (None, 0), f"{shlex.join(argv)} exited with {done.code}"
 
 
-@pytest.fixture
-def keep_loggers():
-    """hydra/job_logging=disabled disables every existing logger: enable them again for the tests that follow."""
-    import logging
-
-    enabled = [lg for lg in logging.root.manager.loggerDict.values() if isinstance(lg, logging.Logger) and not lg.disabled]
-    yield
-    for logger in enabled:
-        logger.disabled = False
-
-
-def test_readme_walkthrough_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keep_loggers) -> None:
+@pytest.mark.slow
+def test_readme_walkthrough_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     commands = walkthrough_commands()
     steps = [" ".join(c[:3]) for c in commands]
     assert steps[:4] == ["python -m vlm.data.synthetic.files", "python -m vlm.data.convert",

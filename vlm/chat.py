@@ -5,8 +5,9 @@
 
 In the terminal: `/image PATH` adds an image to your next message, `/reset` forgets the conversation, `/quit` (or
 end of input) leaves. Write `<image>` in the message to place the image there (otherwise it goes before the text);
-type `\n` for a line break, or end a line with `\` to continue the message on the next line. The whole history is rendered with the model's chat template every turn, so the model sees
-earlier questions, answers and images exactly as a multi-turn training sample.
+type `\n` for a line break, or end a line with `\` to continue the message on the next line. The whole history is
+rendered with the model's chat template every turn, so the model sees earlier questions, answers and images exactly
+as a multi-turn training sample.
 
 From Python: `chat(model, tokenizer, images, messages)` returns the reply; `add_chat_method(model, tokenizer)` gives
 the model a `model.chat(images, messages)` method (without touching the model class).
@@ -14,7 +15,6 @@ the model a `model.chat(images, messages)` method (without touching the model cl
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import MethodType
@@ -23,6 +23,7 @@ from typing import Any
 from PIL import Image
 from torch import nn
 
+from vlm.cli import REQUIRED, parse_options
 from vlm.evaluation.answerer import Answerer
 from vlm.evaluation.sources import load_image
 
@@ -106,22 +107,25 @@ def read_message(read: Callable[[str], str]) -> str:
     return "\n".join(lines).strip()
 
 
-def _options(argv: Sequence[str]) -> dict[str, Any]:
-    from omegaconf import OmegaConf
+OPTIONS = {"model_dir": REQUIRED, "image": None, "max_new_tokens": 256, "temperature": 0.0, "top_p": 1.0,
+           "num_beams": 1, "system": None, "device": "auto", "dtype": "auto", "trust_remote_code": False}
 
-    options = OmegaConf.to_container(OmegaConf.from_dotlist(list(argv)))
-    if not options.get("model_dir"):
-        raise SystemExit("usage: python -m vlm.chat model_dir=PATH [image=PATH] [max_new_tokens=256] "
-                         "[temperature=0] [top_p=1] [system=TEXT] [device=auto] [dtype=auto]")
+
+def _options(argv: Sequence[str] | None) -> dict[str, Any]:
+    """The command line (vlm.cli: key=value); generation options left at their defaults are not passed on."""
+    options = parse_options(argv, "vlm.chat", OPTIONS)
+    for key, default in (("temperature", 0.0), ("top_p", 1.0), ("num_beams", 1)):
+        if options[key] == default:
+            del options[key]
     return options
 
 
 def main(argv: Sequence[str] | None = None, read: Callable[[str], str] = input,
          write: Callable[[str], None] = print) -> ChatSession:
     """The terminal loop; `read` and `write` stand in for the terminal in tests. Returns the session."""
-    options = _options(sys.argv[1:] if argv is None else argv)
-    answerer = Answerer.from_dir(options.pop("model_dir"), options.pop("device", "auto"), options.pop("dtype", "auto"),
-                                 bool(options.pop("trust_remote_code", False)))
+    options = _options(argv)
+    answerer = Answerer.from_dir(options.pop("model_dir"), options.pop("device"), options.pop("dtype"),
+                                 options.pop("trust_remote_code"))
     image = options.pop("image", None)
     session = ChatSession(answerer, system=options.pop("system", None), **options)
     if image:

@@ -11,14 +11,13 @@
 - Loading uses `torch.load(weights_only=True)`: nothing in a checkpoint can execute code.
 - `StepCheckpoint`: every N optimizer steps, keep the last K, plus the final step.
 
-    python -m vlm.checkpointing RUN_DIR/checkpoints/step-00000500.ckpt --out DIR   # checkpoint -> model directory
+    python -m vlm.checkpointing checkpoint=RUN_DIR/checkpoints/step-00000500.ckpt out=DIR   # -> a model directory
 
   The run's config.yaml is read as data: its model parts and stage go through vlm.models.registry.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import re
@@ -296,34 +295,35 @@ def main(argv: list[str] | None = None) -> Path:
     """Checkpoint -> model directory: rebuild the stage from the run's config.yaml, load the checkpoint, export.
 
     The config is read as data (vlm.models.registry): it may name only registered part and stage types."""
-    parser = argparse.ArgumentParser(prog="python -m vlm.checkpointing", description=main.__doc__)
-    parser.add_argument("checkpoint", type=Path)
-    parser.add_argument("--out", type=Path, required=True, help="model directory to write")
-    parser.add_argument("--config", type=Path, help="the run's config.yaml (default: next to checkpoints/)")
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="let transformers run the code of a base model that needs it (never read from the config)")
-    args = parser.parse_args(argv)
     from omegaconf import OmegaConf
+
+    from vlm.cli import REQUIRED, parse_options
+
+    # config: the run's config.yaml (default: next to checkpoints/); trust_remote_code: let transformers run the code
+    # of a base model that needs it (never read from the config)
+    options = parse_options(argv, "vlm.checkpointing",
+                            {"checkpoint": REQUIRED, "out": REQUIRED, "config": None, "trust_remote_code": False})
+    checkpoint, out = Path(options["checkpoint"]), Path(options["out"])
 
     from vlm.loading import load_model
     from vlm.models.registry import build
 
     import lightning as L
 
-    config = args.config or args.checkpoint.resolve().parent.parent / "config.yaml"
+    config = Path(options["config"] or checkpoint.resolve().parent.parent / "config.yaml")
     run_config = OmegaConf.to_container(OmegaConf.load(config))  # saved resolved; nothing is interpolated here
     model_cfg, stage_cfg, optim = rebuild_specs(run_config, str(config))
     L.seed_everything(int(run_config.get("seed") or 0), verbose=False)  # as the run did: a random base is rebuilt
     model, tokenizer = load_model(model_cfg, run_config.get("init_from"), run_config.get("init_model_keys") or (),
-                                  trusted=False, trust_remote_code=args.trust_remote_code)
+                                  trusted=False, trust_remote_code=options["trust_remote_code"])
     stage = build("stage", stage_cfg, f"{config}: stage", model=model, optim=optim)
-    info = apply_checkpoint(stage, args.checkpoint)
+    info = apply_checkpoint(stage, checkpoint)
     from vlm.stages.base import check_finite
 
-    check_finite(stage.model, f"checkpoint {args.checkpoint}")
-    out = stage.export(args.out, tokenizer)
-    print(f"{args.checkpoint} ({describe_base(info)}) -> {out}")
-    return out
+    check_finite(stage.model, f"checkpoint {checkpoint}")
+    directory = stage.export(out, tokenizer)
+    print(f"{checkpoint} ({describe_base(info)}) -> {directory}")
+    return directory
 
 
 if __name__ == "__main__":

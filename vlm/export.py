@@ -8,24 +8,20 @@ one message that lists every part that does not map; nothing is written then.
 """
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-USAGE = "usage: python -m vlm.export model_dir=PATH out=DIR [legacy_names=false]"
+from vlm.cli import REQUIRED, parse_options
+
+OPTIONS = {"model_dir": REQUIRED, "out": REQUIRED, "legacy_names": False}
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    from omegaconf import OmegaConf
-
+    options = parse_options(argv, "vlm.export", OPTIONS)
     from vlm.interop.llava import NotMappableError, export_llava
     from vlm.models.vlm import VisionLanguageModel
 
-    options = OmegaConf.to_container(OmegaConf.from_dotlist(list(sys.argv[1:] if argv is None else argv)))
-    model_dir, out = options.pop("model_dir", None), options.pop("out", None)
-    legacy_names = bool(options.pop("legacy_names", False))
-    if not model_dir or not out or options:
-        raise SystemExit(USAGE + (f"\nunknown options: {sorted(options)}" if options else ""))
+    model_dir, out, legacy_names = options["model_dir"], options["out"], options["legacy_names"]
     model, tokenizer = VisionLanguageModel.from_pretrained(model_dir)
     try:
         directory = export_llava(model, tokenizer, out, legacy_names=legacy_names)

@@ -216,7 +216,8 @@ def format_summary(stages: Sequence[StageReport], metrics: Mapping[str, Any], ch
         body.append(("total", "", "", _duration(total_seconds), "", ""))
     lines = _table(header, body)
     if metrics:
-        rows = [(k, format_value(k, v), _fmt(chances.get(k)) if k in chances else "") for k, v in sorted(metrics.items())]
+        rows = [(k, format_value(k, v), _fmt(chances.get(k)) if k in chances else "")
+                for k, v in sorted(metrics.items())]
         lines += [""] + _table(("metric", "value", "chance"), rows)
     lines.append("")
     width = max(len(k) for k in locations) if locations else 0
@@ -226,7 +227,8 @@ def format_summary(stages: Sequence[StageReport], metrics: Mapping[str, Any], ch
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     widths = [max(len(str(c)) for c in column) for column in zip(header, *rows)]
-    line = lambda cells: "  ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cells, widths)))
+    line = lambda cells: "  ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}"
+                                   for i, (c, w) in enumerate(zip(cells, widths)))
     return [line(header), "  ".join("-" * w for w in widths), *(line(r).rstrip() for r in rows)]
 
 

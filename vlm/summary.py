@@ -1,6 +1,6 @@
 """Parameter table of a model config, built on the meta device: nothing is downloaded and no memory is used.
 
-    python -m vlm.summary model=llava_7b [hydra overrides ...] [--json]
+    python -m vlm.summary model=llava_7b [hydra overrides ...] [json=true]
 
 Per part (encoder, projector, decoder, total; a dual encoder such as model=clip_vit_b16: its own parts), then for
 every stage preset in conf/stage/ what it trains and how large those weights are (fp32 and bf16) next to the whole
@@ -9,7 +9,6 @@ model in bf16 - the numbers that decide memory plans.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"  # the package's own copy of conf/ (a link in a checkout)
 PARTS = ("encoder", "projector", "decoder")
 MB = 1e6
 
@@ -99,14 +98,19 @@ def format_summary(s: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m vlm.summary", description=__doc__.splitlines()[0])
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=llava_7b")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    args = parser.parse_args(argv)
-    s = summarize(args.overrides)
-    print(json.dumps(s) if args.json else format_summary(s))
+    """Hydra overrides of conf/summary.yaml (key=value, like every tool: vlm.cli), and json=true for one JSON
+    object instead of tables."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    if any(w in ("-h", "--help") for w in words):
+        print("usage: python -m vlm.summary [model=NAME] [hydra overrides ...] [json=false]")
+        raise SystemExit(0)
+    as_json = [w.split("=", 1)[1].lower() for w in words if w.startswith("json=")]
+    if any(v not in ("true", "false") for v in as_json):
+        raise SystemExit(f"json= takes true or false, not {as_json[-1]!r}")
+    s = summarize([w for w in words if not w.startswith("json=")])
+    print(json.dumps(s) if as_json and as_json[-1] == "true" else format_summary(s))
     return s
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -60,10 +60,8 @@ def main() -> None:
             torch.save({"batch": batch, "logits": logits}, Path(self.trainer.default_root_dir) / "logits.pt")
 
     Stage.on_train_end = on_train_end
-    common = [f"paths.data_dir={data_dir}", "data.prepare.num_train=200", "data.prepare.num_val=20",
-              "data.prepare.num_test=20", "data.prepare.samples_per_shard=100", "data.num_workers=0",
-              "data.batch_size=2", "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2",
-              "trainer.log_every_n_steps=1", "trainer.val_check_interval=1000", "trainer.limit_val_batches=1",
+    common = [f"paths.data_dir={data_dir}", "debug=tiny_shapes", "data.batch_size=2", "trainer=fsdp",
+              "trainer.accelerator=cpu", "trainer.devices=2", "trainer.val_check_interval=1000",
               "callbacks.checkpoint.every_n_steps=2", "callbacks.checkpoint.keep_last=-1", "optim.lr=3e-3"]
     runs = {
         "align": ["stage=align", f"init_from={base}", "trainer.max_steps=3"],

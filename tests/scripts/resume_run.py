@@ -93,10 +93,7 @@ def compose_config(data_dir: str | Path, overrides: list[str]):
 
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         return compose("train", overrides=[
-            f"paths.data_dir={data_dir}", "data.prepare.num_train=200", "data.prepare.num_val=20",
-            "data.prepare.num_test=20", "data.prepare.samples_per_shard=100", "data.num_workers=0",
-            "data.batch_size=4", "trainer.log_every_n_steps=1", "trainer.val_check_interval=1000",
-            "trainer.limit_val_batches=1", *overrides])
+            f"paths.data_dir={data_dir}", "debug=tiny_shapes", "trainer.val_check_interval=1000", *overrides])
 
 
 def main() -> None:

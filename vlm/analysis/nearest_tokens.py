@@ -13,7 +13,6 @@ unless `include_special=true`.
 
 from __future__ import annotations
 
-import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -154,22 +153,20 @@ def _draw_cells(draw: ImageDraw.ImageDraw, result: NearestTokens, left: float, t
 
 
 def main(argv: Sequence[str] | None = None) -> NearestTokens:
-    from omegaconf import OmegaConf
-
+    from vlm.cli import REQUIRED, parse_options
     from vlm.device import place
     from vlm.models.vlm import VisionLanguageModel
 
-    options = OmegaConf.to_container(OmegaConf.from_dotlist(list(sys.argv[1:] if argv is None else argv)))
-    if not options.get("model_dir") or not options.get("image"):
-        raise SystemExit("usage: python -m vlm.analysis.nearest_tokens model_dir=PATH image=PATH "
-                         "[out=nearest_tokens.png] [top=20] [include_special=false] [device=auto] [dtype=auto]")
-    model, tokenizer = VisionLanguageModel.from_pretrained(
-        options["model_dir"], trust_remote_code=bool(options.get("trust_remote_code", False)))
-    model = place(model, options.get("device", "auto"), options.get("dtype", "auto"))
+    options = parse_options(argv, "vlm.analysis.nearest_tokens", {
+        "model_dir": REQUIRED, "image": REQUIRED, "out": "nearest_tokens.png", "top": 20, "include_special": False,
+        "device": "auto", "dtype": "auto", "trust_remote_code": False})
+    model, tokenizer = VisionLanguageModel.from_pretrained(options["model_dir"],
+                                                           trust_remote_code=options["trust_remote_code"])
+    model = place(model, options["device"], options["dtype"])
     with Image.open(options["image"]) as opened:
         image = opened.convert("RGB")
-    result = nearest_tokens(model.eval(), tokenizer, image, bool(options.get("include_special", False)))
-    out = draw_words(image, result, options.get("out", "nearest_tokens.png"))
+    result = nearest_tokens(model.eval(), tokenizer, image, options["include_special"])
+    out = draw_words(image, result, options["out"])
     rows, cols = result.grid
     if result.tiles:
         t_rows, t_cols = result.tile_grid
@@ -177,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> NearestTokens:
               "most frequent nearest tokens:")
     else:
         print(f"{rows}x{cols} image tokens; most frequent nearest tokens:")
-    for word, count in result.most_common(int(options.get("top", 20))):
+    for word, count in result.most_common(options["top"]):
         print(f"  {count:5d}  {word!r}")
     print(f"mean cosine similarity {sum(result.similarity) / len(result.similarity):.3f}; picture: {out}")
     return result

@@ -121,8 +121,8 @@ def foreign_tokenizer_warning(tokenizer_dir: str | os.PathLike, shards: str | Se
         return None
     return (f"the tokenizer {tokenizer_dir} was built for other data ({', '.join(origins)}), and this stage trains "
             f"a random decoder or text tower on {', '.join(elsewhere)}: words it never saw split into many pieces. "
-            f"Build one for your data: python -m vlm.data.convert tokenizer --shards PATTERN --vocab-size 8000 "
-            f"--out DIR, then model.tokenizer=DIR")
+            f"Build one for your data: python -m vlm.data.convert tokenizer shards=PATTERN vocab_size=8000 "
+            f"out=DIR, then model.tokenizer=DIR")
 
 
 def warn_foreign_tokenizer(model_cfg: dict[str, Any], trainable: Sequence[str], data_cfg: dict[str, Any]) -> str | None:

@@ -32,7 +32,8 @@ def caption_of(sample: dict[str, Any]) -> str | None:
 
 
 def recall_at_k(similarity: torch.Tensor, positives: torch.Tensor, ks: Sequence[int]) -> dict[int, float]:
-    """Queries are rows of `similarity` (Q, N); `positives` (Q, N) bool. -> {k: share of queries with a hit in top k}."""
+    """Queries are rows of `similarity` (Q, N); `positives` (Q, N) bool.
+    -> {k: share of queries with a hit in top k}."""
     from torchmetrics.retrieval import RetrievalHitRate
 
     queries, items = similarity.shape

@@ -391,7 +391,8 @@ def import_llava(directory: str | Path, chat_template: str | None = None,
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # the collator masks padding by length, not by id
     max_positions = int(getattr(config.text_config, "max_position_embeddings", 2048) or 2048)
-    recipe = {"max_tiles": 1, "max_length": int(max_length or min(max_positions, 2048)), "imported_from": str(directory)}
+    recipe = {"max_tiles": 1, "max_length": int(max_length or min(max_positions, 2048)),
+              "imported_from": str(directory)}
     if name:
         recipe["chat_template"] = name
     model = VisionLanguageModel(encoder, projector, decoder, int(config.image_token_id), "causal", config=recipe)

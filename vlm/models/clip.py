@@ -147,7 +147,8 @@ class ClipModel(nn.Module):
         return F.normalize(x, dim=-1) if normalize else x
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor | None = None, mask_ratio: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                attention_mask: torch.Tensor | None = None,
+                mask_ratio: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (image embeddings, text embeddings), both L2-normalised, (B, embed_dim)."""
         return self.encode_image(pixel_values, mask_ratio), self.encode_text(input_ids, attention_mask)
 

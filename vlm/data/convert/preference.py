@@ -1,6 +1,6 @@
 """Preference data -> `preference` shards for the dpo stage, from TRL's conversational format or RLAIF-V's columns.
 
-Input rows come from a JSON list or JSONL file. Images are paths relative to `--images` (or `{"path": ...}`, or
+Input rows come from a JSON list or JSONL file. Images are paths relative to `images=` (or `{"path": ...}`, or
 `{"bytes": base64}` as an exported Hugging Face image column).
 - `trl`: `prompt` (a list of turns whose content is a string or a list of parts, `{"type": "image"}` and
   `{"type": "text", "text": ...}`; or a plain string), `chosen` and `rejected` (an assistant turn list or a string),

@@ -1,7 +1,7 @@
 """Shards -> a byte-level BPE tokenizer for their text (captions and conversation turns), with the VLM special
 tokens. For a decoder or text tower trained from random weights on your data; a pretrained model brings its own.
 
-    python -m vlm.data.convert tokenizer --shards /data/mine/train.txt --vocab-size 8000 --out /data/mine/tokenizer
+    python -m vlm.data.convert tokenizer shards=/data/mine/train.txt vocab_size=8000 out=/data/mine/tokenizer
 """
 from __future__ import annotations
 

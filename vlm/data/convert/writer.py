@@ -28,7 +28,7 @@ def image_path(root: Path, name: str, allow_outside: bool = False) -> Path:
     unless `allow_outside`: a converter copies only the images it was pointed at."""
     path = root / name
     if not allow_outside and not path.resolve().is_relative_to(root.resolve()):
-        raise Skip("outside_images", f"{name} is outside {root} (pass --allow-outside to copy it anyway)")
+        raise Skip("outside_images", f"{name} is outside {root} (pass allow_outside=true to copy it anyway)")
     return path
 
 

@@ -1,7 +1,7 @@
 """Stand-in "own data" as plain files, in the layouts real data sets come in, for trying the path from files to a
 trained model (README: "From the quickstart to your data") without downloading anything:
 
-    python -m vlm.data.synthetic.files --out my_data [--num-train 2000] [--num-test 200] [--seed 1]
+    python -m vlm.data.synthetic.files out=my_data [num_train=2000] [num_test=200] [seed=1] [image_size=64]
 
 writes shapes-world pictures (`vlm/data/synthetic/shapes.py`, another seed than the quickstart's) and
 - `photos/*.png`;
@@ -13,7 +13,6 @@ writes shapes-world pictures (`vlm/data/synthetic/shapes.py`, another seed than 
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import random
@@ -54,15 +53,12 @@ def write_example_files(out: str | Path, num_train: int = 2000, num_test: int = 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m vlm.data.synthetic.files", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--num-train", type=int, default=2000)
-    parser.add_argument("--num-test", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--image-size", type=int, default=64)
-    args = parser.parse_args(argv)
-    out = write_example_files(args.out, args.num_train, args.num_test, args.seed, args.image_size)
-    print(f"{args.num_train} training pictures (captions.csv, conversations.json) and {args.num_test} test "
+    from vlm.cli import REQUIRED, parse_options
+
+    a = parse_options(argv, "vlm.data.synthetic.files",
+                      {"out": REQUIRED, "num_train": 2000, "num_test": 200, "seed": 1, "image_size": 64})
+    out = write_example_files(a["out"], a["num_train"], a["num_test"], a["seed"], a["image_size"])
+    print(f"{a['num_train']} training pictures (captions.csv, conversations.json) and {a['num_test']} test "
           f"pictures (vqa.jsonl) -> {out}")
 
 

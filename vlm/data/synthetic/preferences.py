@@ -12,11 +12,10 @@ they stay right whatever the world's settings, and reuse its pictures as they ar
   `adversarial` (absent objects that share a colour or a shape with an object present: the binding errors a model
   that half-sees the picture makes, the shapes world's analogue of POPE's co-occurring objects).
 
-    python -m vlm.data.synthetic.preferences --root data/shapes
+    python -m vlm.data.synthetic.preferences root=data/shapes
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -209,13 +208,12 @@ def ensure_shapes_preferences(root: str | os.PathLike, preference_seed: int = 0,
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--root", required=True, help="a generated shapes world (python -m vlm.data.convert synthetic)")
-    parser.add_argument("--out", default=None, help="default: ROOT/dpo")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--pairs-per-image", type=int, default=2)
-    args = parser.parse_args(argv)
-    out = ensure_preferences(args.root, args.out, args.seed, args.pairs_per_image)
+    from vlm.cli import REQUIRED, parse_options
+
+    # root: a generated shapes world (python -m vlm.data.convert synthetic); out: default ROOT/dpo
+    a = parse_options(argv, "vlm.data.synthetic.preferences",
+                      {"root": REQUIRED, "out": None, "seed": 0, "pairs_per_image": 2})
+    out = ensure_preferences(a["root"], a["out"], a["seed"], a["pairs_per_image"])
     print(json.dumps(json.loads((out / "info.json").read_text())["counts"]), "->", out)
 
 

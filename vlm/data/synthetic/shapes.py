@@ -5,11 +5,10 @@ Because the scene is known exactly, captions, QA pairs and classification labels
 so a model that learns shows it clearly. `ensure_shapes` writes webdataset shards plus a small byte-level BPE
 tokenizer trained on the generated text, once: a second call with the same parameters only reads `info.json`.
 
-    python -m vlm.data.synthetic.shapes --root data/shapes
+    python -m vlm.data.synthetic.shapes root=data/shapes
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -263,18 +262,13 @@ def ensure_shapes(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--root", required=True)
-    parser.add_argument("--num-train", type=int, default=20000)
-    parser.add_argument("--num-val", type=int, default=500)
-    parser.add_argument("--num-test", type=int, default=1000)
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--samples-per-shard", type=int, default=2000)
-    args = parser.parse_args(argv)
-    root = ensure_shapes(
-        args.root, args.num_train, args.num_val, args.num_test, args.image_size, args.seed, args.samples_per_shard
-    )
+    from vlm.cli import REQUIRED, parse_options
+
+    a = parse_options(argv, "vlm.data.synthetic.shapes", {
+        "root": REQUIRED, "num_train": 20000, "num_val": 500, "num_test": 1000, "image_size": 64, "seed": 0,
+        "samples_per_shard": 2000})
+    root = ensure_shapes(a["root"], a["num_train"], a["num_val"], a["num_test"], a["image_size"], a["seed"],
+                         a["samples_per_shard"])
     print(json.dumps(json.loads((root / "info.json").read_text())["counts"]), "->", root)
 
 
