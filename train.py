@@ -17,9 +17,8 @@ from omegaconf import DictConfig, open_dict
 def main(cfg: DictConfig) -> None:
     from vlm.callbacks import Preempted
     from vlm.console import tidy_console
-    from vlm.run import run_recipe, run_stage
-
     from vlm.hub import friendly_errors
+    from vlm.run import run_recipe, run_stage
 
     tidy_console()
     hydra_cfg = HydraConfig.get()

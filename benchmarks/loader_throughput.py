@@ -357,7 +357,8 @@ def main() -> None:
         for name, rows in ablated.items():
             rates = [rate for rate, _ in rows]
             ratios = [b / x for b, x in zip(base, rates)]
-            print(f"{name:17s} {statistics.median(rates):7.0f}/s  CPU {1e6 * statistics.median(c for _, c in rows):6.0f}"
+            cpu = 1e6 * statistics.median(c for _, c in rows)
+            print(f"{name:17s} {statistics.median(rates):7.0f}/s  CPU {cpu:6.0f}"
                   f" us/sample  both/this per round: {' '.join(f'{x:.2f}' for x in ratios)}  median "
                   f"{statistics.median(ratios):.2f}")
     for images, costs in chat.items():

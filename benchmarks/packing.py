@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name in ("padded", "packed"):
         print(f"{name:>8}{shares[name]:>14.1%}{median[name]:>15.0f}   rounds: "
               + ", ".join(f"{v:.0f}" for v in rates[name]))
-    print(f"packed/padded per round: " + ", ".join(f"{p / q:.2f}x" for p, q in zip(rates["packed"], rates["padded"]))
+    print("packed/padded per round: " + ", ".join(f"{p / q:.2f}x" for p, q in zip(rates["packed"], rates["padded"]))
           + f"; median {ratio:.2f}x (ratio of the medians {median['packed'] / median['padded']:.2f}x)")
     if args.quickstart:
         quick = quickstart_shares(args.quickstart_samples, 16)

@@ -107,8 +107,8 @@ def tiny_shapes(make_shapes) -> Path:
 def world(tmp_path_factory, make_shapes) -> Iterator[dict[str, Path]]:
     """A random tiny model directory on a shapes tokenizer, saved once per module: {"root": the data dir (its
     shapes/ has 4 test pictures), "shapes", "model", "image": a red 16 px picture}."""
-    from test_generation import tiny_vlm
     from PIL import Image
+    from test_generation import tiny_vlm
 
     shapes = make_shapes(num_train=4, num_val=2, num_test=4, samples_per_shard=4)
     root = tmp_path_factory.mktemp("world")

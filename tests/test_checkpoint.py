@@ -4,7 +4,6 @@ preemption signal, and the LLaVA-7B align checkpoint estimate."""
 from __future__ import annotations
 
 import copy
-
 import signal
 from pathlib import Path
 
@@ -16,7 +15,6 @@ import vlm.checkpointing as ckpt
 from vlm.callbacks import PreemptionCheckpoint
 from vlm.checkpointing import AtomicCheckpointIO, StepCheckpoint, find_resume_checkpoint, list_checkpoints
 from vlm.stages.generative import GenerativeStage
-
 
 
 # ---- files -------------------------------------------------------------------------------------------------------

@@ -104,8 +104,8 @@ def test_head_initialisation_and_clamp() -> None:
 
 
 def test_model_directory_round_trip(shapes: Path, tmp_path: Path, cfg_for) -> None:
-    from vlm.loading import build_processor, load_model
     from vlm.data.clip_processor import ClipProcessor
+    from vlm.loading import build_processor, load_model
 
     cfg = cfg_for(shapes, "train", "stage=clip", "model.loss=siglip")
     model, tokenizer = load_model(OmegaConf.to_container(cfg.model, resolve=True))

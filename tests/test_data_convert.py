@@ -16,10 +16,10 @@ from vlm.data.convert.__main__ import main
 from vlm.data.datamodule import DataModule
 from vlm.data.formats import to_record
 from vlm.data.images import ImageTransform
-from vlm.data.skips import SkipCounter
-from vlm.data.tar import iterate_samples
 from vlm.data.processor import Processor
+from vlm.data.skips import SkipCounter
 from vlm.data.synthetic.shapes import ensure_shapes
+from vlm.data.tar import iterate_samples
 from vlm.data.tokens import IMAGE_TOKEN, load_tokenizer
 
 COLORS = {"red": (255, 0, 0), "blue": (0, 0, 255), "green": (0, 160, 0)}

@@ -14,8 +14,8 @@ from torch.multiprocessing.reductions import rebuild_storage_fd as _rebuild_stor
 from torch.utils.data import DataLoader, IterableDataset
 
 from vlm.data.collate import Collator, Parts
-from vlm.data.images import ImageTransform
 from vlm.data.handover import BufferPool, pack_batch, unpack_batch
+from vlm.data.images import ImageTransform
 
 
 def _batch(fill: int) -> dict:

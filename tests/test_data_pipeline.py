@@ -14,10 +14,10 @@ from PIL import Image
 from vlm.data.datamodule import DataModule
 from vlm.data.formats import SkipSample, conversation_record, to_record
 from vlm.data.images import ImageTransform
-from vlm.data.shards import expand_shards
-from vlm.data.tar import iterate_samples
 from vlm.data.processor import IGNORE_INDEX, Processor
+from vlm.data.shards import expand_shards
 from vlm.data.synthetic.shapes import ensure_shapes
+from vlm.data.tar import iterate_samples
 from vlm.data.tokens import load_tokenizer
 
 T = 2

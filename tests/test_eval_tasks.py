@@ -106,8 +106,8 @@ def test_neither_model_nor_predictions_is_a_clear_error(tmp_path: Path) -> None:
 def model_dir(tmp_path_factory) -> Path:
     """A random tiny model directory on the shapes tokenizer, and the shapes test split beside it."""
     import torch
-
     from test_generation import tiny_vlm
+
     from vlm.data.synthetic.shapes import ensure_shapes
 
     root = tmp_path_factory.mktemp("world")

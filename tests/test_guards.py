@@ -3,8 +3,6 @@ config; clipping and accumulation are trainer config; the effective global batch
 from __future__ import annotations
 
 import copy
-
-from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L

@@ -206,8 +206,13 @@ def test_round_trip_keeps_every_weight(tmp_path: Path) -> None:
 
 def hf_llava_dir(directory: Path, family: str, layer: int, strategy: str) -> Path:
     """A random transformers Llava model with a processor the way llava-hf ships one (list-only template)."""
-    from transformers import (CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
-                              SiglipImageProcessor)
+    from transformers import (
+        CLIPImageProcessor,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        SiglipImageProcessor,
+    )
 
     tokenizer = make_tokenizer()
     tokenizer.chat_template = (  # llava-hf's llava-1.5 template: content must be a list of parts

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+
 from vlm.device import place, resolve_device
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -89,8 +90,9 @@ def test_chat_and_nearest_tokens_take_device_and_dtype(world, tmp_path: Path, pl
 
 
 def test_the_judge_follows_the_evaluation_device_and_dtype(tmp_path: Path, monkeypatch) -> None:
-    import vlm.evaluation.judge as judge_module
     from test_eval_judge import save_judge
+
+    import vlm.evaluation.judge as judge_module
 
     judges: list[judge_module.LLMJudge] = []
 

@@ -18,7 +18,6 @@ from vlm.loading import explicit_model_keys, load_model
 from vlm.models.vlm import VisionLanguageModel
 
 
-
 @pytest.fixture(scope="module")
 def own(tmp_path_factory) -> dict[str, Path]:
     """The shapes world (for its tokenizer) and "own" caption and conversation shards converted from files."""

@@ -3,7 +3,8 @@ the next one, the preemption signal, and SIGTERM (issue 17) - and resumed each t
 the weights and the logged curves of an uninterrupted run of the same length.
 
 The stage is `sft` with LoRA dropout, so the RNG state matters; data come from the shapes stream with
-`num_workers=0` (the data module's own state fast-forwards the stream). Runs that must die by SIGKILL are subprocesses (tests/scripts/resume_run.py); the others run here.
+`num_workers=0` (the data module's own state fast-forwards the stream). Runs that must die by SIGKILL are
+subprocesses (tests/scripts/resume_run.py); the others run here.
 """
 from __future__ import annotations
 

@@ -12,14 +12,14 @@ from __future__ import annotations
 import pathlib
 import pickle
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
 import yaml
 from hydra import compose, initialize_config_dir
-from PIL import Image
 
 from vlm.models.registry import UnsafeConfigError, build, registry
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import logging
 import re
 import sys
 import time
@@ -18,13 +17,12 @@ from PIL import Image
 
 from vlm.data.convert.__main__ import main as convert
 from vlm.data.datamodule import DataModule
-from vlm.data.formats import to_record
+from vlm.data.formats import decode_sample, to_record
 from vlm.data.images import ImageTransform
-from vlm.data.formats import decode_sample
+from vlm.data.processor import Processor
 from vlm.data.shards import expand_shards
 from vlm.data.skips import NoUsableSamples, SkipCounter
 from vlm.data.tar import iterate_samples
-from vlm.data.processor import Processor
 from vlm.data.tokens import load_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))

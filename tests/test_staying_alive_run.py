@@ -5,7 +5,6 @@ tests/test_guards.py; data faults: tests/test_staying_alive_data.py.)"""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import socket
 import sys

@@ -5,7 +5,7 @@
 
 In the terminal: `/image PATH` adds an image to your next message, `/reset` forgets the conversation, `/quit` (or
 end of input) leaves. Write `<image>` in the message to place the image there (otherwise it goes before the text);
-type `\n` for a line break, or end a line with `\` to continue the message on the next line. The whole history is
+type `\n` for a line break, or end a line with `\\` to continue the message on the next line. The whole history is
 rendered with the model's chat template every turn, so the model sees earlier questions, answers and images exactly
 as a multi-turn training sample.
 

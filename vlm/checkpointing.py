@@ -275,7 +275,8 @@ def rebuild_specs(run_config: Mapping[str, Any], where: str) -> tuple[dict, dict
     """(model, stage, optim) sections of a run's config.yaml, checked as data: the model's parts and the stage must
     be registered types (or their registered `_target_` paths), and no other `_target_` may appear in them. The
     stage's `eval_tasks` (validation only) are not needed to rebuild the weights and are left out."""
-    from vlm.models.clip import PARTS as CLIP_PARTS, is_clip_config
+    from vlm.models.clip import PARTS as CLIP_PARTS
+    from vlm.models.clip import is_clip_config
     from vlm.models.registry import check_file, refuse_targets, type_name
     from vlm.models.vlm import PARTS as VLM_PARTS
 
@@ -305,10 +306,10 @@ def main(argv: list[str] | None = None) -> Path:
                             {"checkpoint": REQUIRED, "out": REQUIRED, "config": None, "trust_remote_code": False})
     checkpoint, out = Path(options["checkpoint"]), Path(options["out"])
 
+    import lightning as L
+
     from vlm.loading import load_model
     from vlm.models.registry import build
-
-    import lightning as L
 
     config = Path(options["config"] or checkpoint.resolve().parent.parent / "config.yaml")
     run_config = OmegaConf.to_container(OmegaConf.load(config))  # saved resolved; nothing is interpolated here

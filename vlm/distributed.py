@@ -227,7 +227,7 @@ class FSDP2Strategy(_strategy_base()):
         from lightning.fabric.strategies.model_parallel import _distributed_checkpoint_save
         from lightning.fabric.utilities.load import _METADATA_FILENAME
 
-        from vlm.checkpointing import fsync_dir, atomic_torch_save, partial_path
+        from vlm.checkpointing import atomic_torch_save, fsync_dir, partial_path
 
         path = Path(self.broadcast(str(filepath)))
         tmp = partial_path(path)

@@ -67,7 +67,7 @@ def train_stage(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Path
     from lightning.pytorch.loggers import CSVLogger
     from lightning.pytorch.utilities import rank_zero_only
 
-    from vlm.callbacks import PreemptionCheckpoint, Preempted, stash_csv_logs
+    from vlm.callbacks import Preempted, PreemptionCheckpoint, stash_csv_logs
     from vlm.checkpointing import find_resume_checkpoint
     from vlm.distributed import cluster_plugins
     from vlm.loading import build_processor, explicit_model_keys, load_model

@@ -26,7 +26,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 OPTIM = {"lr": 1e-2, "warmup_steps": 1, "weight_decay": 0.01, "scheduler": "cosine"}
 
 
-def fit(stage, batches, steps: int, strategy) -> "L.Trainer":
+def fit(stage, batches, steps: int, strategy) -> L.Trainer:
     import lightning as L
 
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=steps, logger=False,

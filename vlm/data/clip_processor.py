@@ -1,7 +1,8 @@
 """The dual encoder's processor: a caption record with one image -> token ids and pixels for `vlm.models.clip`."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

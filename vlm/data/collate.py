@@ -1,7 +1,8 @@
 """Processor outputs -> one padded batch (right padding for training, left for generation)."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import lightning as L
 import torch
 
 from vlm.data.collate import Collator
 from vlm.data.formats import FORMATS
-from vlm.data.packing import packing_for
 from vlm.data.loader import StreamLoader, StreamProgress
+from vlm.data.packing import packing_for
 from vlm.data.resolution import ProcessorSizes, ResolutionSchedule
 from vlm.data.shards import Source, dist_info, expand_shards
 from vlm.data.skips import DEFAULT_MAX_CONSECUTIVE_SKIPS, SkipCounter

@@ -8,8 +8,9 @@ from __future__ import annotations
 import io
 import json
 import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from PIL import Image
 

@@ -125,7 +125,7 @@ class _Packed:
         return _received, (self.buffer if first else None, self.layout, self.order,
                            (os.getpid(), self.slot.number, self.forgotten))
 
-    def pin_memory(self, device: Any = None) -> "_Packed":
+    def pin_memory(self, device: Any = None) -> _Packed:
         """DataLoader(pin_memory=True): the whole buffer copied to pinned memory at once (the shared one is
         released when this object goes)."""
         pinned = self.buffer.pin_memory() if device is None else self.buffer.pin_memory(device)

@@ -6,7 +6,7 @@ The transform and the placeholder must agree on the grid: `ImageTransform` retur
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

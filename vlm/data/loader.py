@@ -7,7 +7,8 @@ state.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from torch.utils.data import DataLoader
 

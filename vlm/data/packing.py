@@ -25,7 +25,8 @@ from __future__ import annotations
 import bisect
 import itertools
 import logging
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -8,7 +8,8 @@ into both of its rows (`vlm.stages.preference`). `keys` are the B pairs' keys.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from vlm.data.collate import Collator
 

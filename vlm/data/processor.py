@@ -8,7 +8,8 @@ labelled. `<image>` is expanded at the id level, after labelling, so offsets alw
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -149,7 +150,7 @@ class Processor:
     def image_size(self) -> int | None:
         return getattr(self.image_transform, "image_size", None)
 
-    def at_image_size(self, image_size: int, tokens_per_image: int) -> "Processor":
+    def at_image_size(self, image_size: int, tokens_per_image: int) -> Processor:
         """A copy that resizes images to `image_size` and writes `tokens_per_image` placeholders per tile
         (progressive resolution: the model's tokens per image at that size). Shares the tokenizer."""
         new = copy.copy(self)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import bisect
 import copy
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 
 class ResolutionSchedule:
@@ -82,7 +83,8 @@ class ProcessorSizes:
             if needs_tokens and size not in self.tokens:
                 raise ValueError(
                     f"no tokens-per-image known for image size {size} (known: {sorted(self.tokens)}); "
-                    "the DataModule needs `tokens_per_image_at` (the runner passes the model's) for a resolution schedule"
+                    "the DataModule needs `tokens_per_image_at` (the runner passes the model's) for a resolution "
+                    "schedule"
                 )
             self._cache[size] = processor_at_size(self.base, size, self.tokens.get(size))
         return self._cache[size]

@@ -11,9 +11,9 @@ import glob
 import logging
 import os
 import random
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from webdataset.shardlists import expand_urls as _wds_expand
 

@@ -11,7 +11,8 @@ import multiprocessing
 import tarfile
 import zlib
 from collections import Counter
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jinja2
 from PIL import Image
@@ -65,7 +66,7 @@ class SkipCounter:
             log.warning("skipping sample (%s)%s", reason, f": {detail}" if detail else "")
         return slot
 
-    def handler(self, default_reason: str, run: "SkipRun | None" = None) -> Callable[[Exception], bool]:
+    def handler(self, default_reason: str, run: SkipRun | None = None) -> Callable[[Exception], bool]:
         """A webdataset exception handler that counts the exception and continues (`run`: also tell that stream's
         guard, which stops a stream that skips everything)."""
         return CountingHandler(self, default_reason, run)
@@ -97,7 +98,7 @@ class CountingHandler:
     """Picklable handler: SkipSample counts under its reason, too-long samples as `too_long`, other data errors
     under the default reason; exceptions that are not data errors propagate."""
 
-    def __init__(self, counter: SkipCounter, default_reason: str, run: "SkipRun | None" = None):
+    def __init__(self, counter: SkipCounter, default_reason: str, run: SkipRun | None = None):
         self.counter = counter
         self.default_reason = default_reason
         self.run = run

@@ -13,8 +13,8 @@ came from and the raw position just after its last sample (packed: a cursor into
 
 `StreamProgress` (main process, `vlm.data.loader`) records the batches served to training; `StreamLoader.__iter__`
 hands the workers, through shared memory (`StreamState`), where to start: epoch, first batch index, and per logical
-stream the raw position to fast-forward to (skipping raw samples, never decoding them). Resuming after k batches with k % W = r, physical
-worker w reads logical stream (w + r) % W, which continues the round robin exactly where it stopped.
+stream the raw position to fast-forward to (skipping raw samples, never decoding them). Resuming after k batches
+with k % W = r, physical worker w reads logical stream (w + r) % W, which continues the round robin exactly where it stopped.
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ import logging
 import math
 import multiprocessing
 import random
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import IterableDataset

@@ -14,7 +14,8 @@ import random
 import re
 import tarfile
 from collections import Counter
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 from webdataset.filters import _shuffle as _wds_shuffle
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander, url_opener

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _forward_parameters(cls: type) -> frozenset[str]:
     return frozenset(inspect.signature(cls.forward).parameters)
 

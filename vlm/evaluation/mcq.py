@@ -15,7 +15,6 @@ file has the same fields plus `prediction`, and optionally `option_scores` (one 
 from __future__ import annotations
 
 import math
-
 import re
 import string
 from collections import defaultdict

@@ -110,9 +110,9 @@ class Task:
     def predict(self, model_dir: str | Path, device: str = "auto", dtype: str = "auto",
                 trust_remote_code: bool = False) -> list[dict[str, Any]]:
         """Answer every item. Only the first `picture_samples` keep their image in memory (for the picture)."""
-        from vlm.evaluation.answerer import Answerer
-
         from tqdm.auto import tqdm
+
+        from vlm.evaluation.answerer import Answerer
 
         answerer = Answerer.from_dir(model_dir, device, dtype, trust_remote_code)
         predictions: list[dict[str, Any]] = []

@@ -28,7 +28,8 @@ from vlm.losses import (
     distributed_loss,
     siglip_loss,
 )
-from vlm.models.directory import plain as _plain, write_model_directory
+from vlm.models.directory import plain as _plain
+from vlm.models.directory import write_model_directory
 from vlm.models.encoders.base import WEIGHTS_NAME, VisionEncoder
 from vlm.models.registry import build, build_part, check_file
 from vlm.models.text_encoders import TextEncoder

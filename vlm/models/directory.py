@@ -5,8 +5,9 @@ import contextlib
 import os
 import shutil
 import uuid
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 
 def plain(cfg: Mapping[str, Any]) -> dict[str, Any]:

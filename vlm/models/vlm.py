@@ -18,12 +18,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlm.models.attention import (
-    VARLEN, additive_mask, allowed_pairs, attn_implementation, flatten_packed, segment_ids, varlen_kwargs,
+    VARLEN,
+    additive_mask,
+    allowed_pairs,
+    attn_implementation,
+    flatten_packed,
+    segment_ids,
+    varlen_kwargs,
 )
 from vlm.models.attention import isolation as decoder_isolation
 from vlm.models.decoders import decoder_export_config
+from vlm.models.directory import plain as _plain
+from vlm.models.directory import write_model_directory
 from vlm.models.encoders.base import WEIGHTS_NAME, VisionEncoder
-from vlm.models.directory import plain as _plain, write_model_directory
 from vlm.models.registry import build, build_part, check_file
 
 log = logging.getLogger(__name__)

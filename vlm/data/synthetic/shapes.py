@@ -17,8 +17,9 @@ import shutil
 import tarfile
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from PIL import Image, ImageDraw
 
