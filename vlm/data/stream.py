@@ -14,7 +14,8 @@ came from and the raw position just after its last sample (packed: a cursor into
 `StreamProgress` (main process, `vlm.data.loader`) records the batches served to training; `StreamLoader.__iter__`
 hands the workers, through shared memory (`StreamState`), where to start: epoch, first batch index, and per logical
 stream the raw position to fast-forward to (skipping raw samples, never decoding them). Resuming after k batches
-with k % W = r, physical worker w reads logical stream (w + r) % W, which continues the round robin exactly where it stopped.
+with k % W = r, physical worker w reads logical stream (w + r) % W, which continues the round robin exactly where
+it stopped.
 """
 from __future__ import annotations
 
