@@ -282,6 +282,38 @@ def test_pixel_shuffle_rejects_a_grid_it_cannot_divide() -> None:
         projector.num_tokens(17, (4, 4))
 
 
+def test_pixel_shuffle_position_table_marks_where_each_token_sits() -> None:
+    """`positions`: the same patch content gives a different token in every cell of the output grid, by exactly
+    that cell's learned embedding; another grid size resamples the table (a picture at another resolution)."""
+    projector = PixelShuffleProjector(4, 8, factor=2, positions=2)
+    plain = PixelShuffleProjector(4, 8, factor=2)
+    plain.proj.load_state_dict(projector.proj.state_dict())
+    x = torch.ones(1, 16, 4)  # a 4x4 patch grid of identical patches -> 2x2 tokens
+    out = projector(x, (4, 4))
+    assert out.shape == (1, 4, 8)
+    assert torch.allclose(out - plain(x, (4, 4)), projector.position.reshape(4, 8))
+    assert len({tuple(row.tolist()) for row in out[0]}) == 4
+    big = projector(torch.ones(1, 64, 4), (8, 8))  # a 4x4 token grid: the 2x2 table, resampled bilinearly
+    assert big.shape == (1, 16, 8)
+    table = projector.position_table(4, 4).reshape(4, 4, 8)
+    assert torch.allclose(table.mean(dim=(0, 1)), projector.position.mean(dim=(0, 1)), atol=1e-6)
+    assert torch.allclose(table[0, 0], projector.position[0, 0])  # the corner cells keep their embeddings
+    assert projector.export_config() == {"type": "pixel_shuffle", "factor": 2, "depth": 1, "positions": 2}
+    assert PixelShuffleProjector(4, 8).position is None
+
+
+def test_model_with_a_position_table_round_trips(tmp_path: Path) -> None:
+    model, tokenizer = tiny_model(projector="PixelShuffleProjector", factor=2, positions=2)
+    ids = ids_with_images(model, tokenizer, ["where", 1, "circle"])
+    pixels = torch.randn(1, 3, 16, 16)
+    model.save_pretrained(tmp_path / "model", tokenizer)
+    loaded, _ = VisionLanguageModel.from_pretrained(tmp_path / "model")
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(ids, mask, pixels).logits, model.eval()(ids, mask, pixels).logits)
+    assert torch.equal(loaded.projector.position, model.projector.position)
+
+
 def test_model_with_pixel_shuffle_needs_fewer_placeholders() -> None:
     model, tokenizer = tiny_model(projector="PixelShuffleProjector", factor=2)
     assert model.tokens_per_image == 4

@@ -34,15 +34,15 @@ def recipe_resolutions() -> list[tuple[str, list[int], int]]:
 
 
 def test_the_recipe_resolution_never_falls_and_rises():
-    """The encoder's input size never falls from stage to stage (nor within one); the resolution at which the
-    picture is seen (input size x tiles per side) rises at least once."""
+    """The encoder's input size never falls from stage to stage (nor within one) and rises at least once; nor does
+    the resolution at which the picture is seen (input size x tiles per side) fall."""
     stages = recipe_resolutions()
     assert [name for name, *_ in stages] == ["clip", "lm", "align", "sft"]
     inputs = [size for _, sizes, _ in stages for size in sizes]
     assert all(a <= b for a, b in zip(inputs, inputs[1:])), f"the encoder's input size falls: {stages}"
     seen = [size * side for _, sizes, side in stages for size in sizes]
     assert all(a <= b for a, b in zip(seen, seen[1:])), f"the picture's resolution falls: {stages}"
-    assert seen[-1] > seen[0], f"the resolution never rises: {stages}"
+    assert inputs[-1] > inputs[0] and seen[-1] > seen[0], f"the resolution never rises: {stages}"
 
 
 PREFIX = re.compile(r"^\d\d:\d\d:\d\d (?:(?:DEBUG|WARNING|ERROR|CRITICAL) )?")

@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -83,14 +84,22 @@ class PixelShuffleProjector(Projector):
     """Merge each `factor` x `factor` block of neighbouring patches into one token (T' = T / factor^2), then project.
 
     Fewer, wider tokens (Idefics3 / nanoVLM): the decoder sees factor^2 times shorter image runs.
+    `positions` (> 0): a learned `positions` x `positions` table of 2D position embeddings added to the output
+    tokens (resampled bilinearly for another grid), as in Honeybee's C-Abstractor. A decoder with rotary positions
+    sees only where a token sits in the text; the table tells it where the token sits in the picture, so "where is
+    the red circle?" is one look-up (the token that matches carries its place) instead of a hop through the ViT's
+    faint position embeddings.
     """
 
     part_type = "pixel_shuffle"
 
-    def __init__(self, in_dim: int, out_dim: int, factor: int = 2, depth: int = 1) -> None:
-        super().__init__(in_dim, out_dim, factor=factor, depth=depth)
+    def __init__(self, in_dim: int, out_dim: int, factor: int = 2, depth: int = 1, positions: int = 0) -> None:
+        super().__init__(in_dim, out_dim, factor=factor, depth=depth, positions=positions)
         self.factor = factor
         self.proj = mlp(in_dim * factor * factor, out_dim, depth)
+        self.position = None
+        if positions:
+            self.position = nn.Parameter(torch.randn(positions, positions, out_dim) * POSITION_INIT_STD)
 
     def _check(self, t_in: int, grid: tuple[int, int]) -> None:
         rows, cols = grid
@@ -105,13 +114,31 @@ class PixelShuffleProjector(Projector):
 
     def shuffle(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         n, t, d = x.shape
-        if grid is None:
-            side = math.isqrt(t)
-            grid = (side, side)
-        self._check(t, grid)
-        s, (rows, cols) = self.factor, grid
+        rows, cols = grid or _square(t)
+        self._check(t, (rows, cols))
+        s = self.factor
         x = x.reshape(n, rows // s, s, cols // s, s, d).permute(0, 1, 3, 2, 4, 5)
         return x.reshape(n, (rows // s) * (cols // s), s * s * d)
 
+    def position_table(self, rows: int, cols: int) -> torch.Tensor:
+        """(rows * cols, out_dim): the learned table, resampled when the output grid is another size."""
+        table = self.position
+        if tuple(table.shape[:2]) != (rows, cols):
+            table = F.interpolate(table.permute(2, 0, 1)[None], size=(rows, cols), mode="bilinear",
+                                  align_corners=False)[0].permute(1, 2, 0)
+        return table.reshape(rows * cols, -1)
+
     def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
-        return self.proj(self.shuffle(x, grid))
+        rows, cols = grid or _square(x.shape[1])
+        out = self.proj(self.shuffle(x, (rows, cols)))
+        if self.position is not None:
+            out = out + self.position_table(rows // self.factor, cols // self.factor).to(out.dtype)
+        return out
+
+
+POSITION_INIT_STD = 0.5  # about the projected image features' own scale, so the place is legible from step one
+
+
+def _square(tokens: int) -> tuple[int, int]:
+    side = math.isqrt(tokens)
+    return side, side

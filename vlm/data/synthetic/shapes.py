@@ -34,7 +34,7 @@ COLORS = {
 }
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 QA_TYPES = ("color", "shape", "count", "position")
-FORMAT_VERSION = 2  # 2: the first question comes before the picture
+FORMAT_VERSION = 3  # 2: the first question comes before the picture; 3: larger shapes, one question each
 TOKENIZER_VOCAB_SIZE = 1000
 TOKENIZER_MAX_TILES = 9  # tile markers for grids up to 9 tiles are part of the vocabulary
 SINGLE_OBJECT_FRACTION = 0.3
@@ -87,19 +87,17 @@ def questions(objects: list[dict[str, str]]) -> list[dict[str, str]]:
 
 
 def conversation(qa: list[dict[str, str]], rng: random.Random) -> list[dict[str, str]]:
-    """1-3 QA turns; the image placeholder ends the first user turn.
+    """One QA turn, the question first and then the picture, as the evaluation asks it.
 
-    Question first, then the picture: each image token can then already compare itself with the question, and
-    the answer only has to find the token that matched. With the picture first, the tiny quickstart model kept
-    reading a neighbouring shape's colour or position (measured with 1800 sft steps: vqa/accuracy 0.82-0.92 over
-    four runs, against 0.74-0.83 over three with the picture first).
+    Question first: each image token can then already compare itself with the question, and the answer only has
+    to find the token that matched (with the picture first, the tiny model kept reading a neighbouring shape's
+    colour or position). One turn: every training example then has that order; later turns, which come after the
+    picture, train another way of reading it. Measured (the quickstart's model, 600 sft steps of the same tokens
+    per batch, seed 0): vqa/accuracy 0.79 with one turn, 0.70 with every question of the picture as turns.
     """
-    picked = rng.sample(qa, rng.randint(1, min(3, len(qa))))
-    turns = []
-    for n, item in enumerate(picked):
-        turns.append({"role": "user", "content": item["question"] + ("\n<image>" if n == 0 else "")})
-        turns.append({"role": "assistant", "content": item["answer"]})
-    return turns
+    item = rng.choice(qa)
+    return [{"role": "user", "content": item["question"] + "\n<image>"},
+            {"role": "assistant", "content": item["answer"]}]
 
 
 # ---------------------------------------------------------------- drawing
@@ -115,7 +113,9 @@ def draw(objects: list[dict[str, str]], image_size: int, rng: random.Random) -> 
     for obj in objects:
         index = POSITIONS.index(obj["position"])
         x0, y0 = (index % 2) * half, (index // 2) * half
-        size = rng.uniform(0.5, 0.8) * (half - 2 * margin)
+        # shapes fill most of their quadrant: at the clip stage's 32 px a quadrant is 16 px, and smaller shapes
+        # (half to 0.8 of it) left zero-shot top-1 at 0.49 after 400 clip steps, against 1.00 at this size
+        size = rng.uniform(0.75, 1.0) * (half - 2 * margin)
         left = x0 + margin + rng.uniform(0, half - 2 * margin - size)
         top = y0 + margin + rng.uniform(0, half - 2 * margin - size)
         box = (left, top, left + size, top + size)
