@@ -95,3 +95,19 @@ def test_threads_leave_a_core_per_data_worker(monkeypatch):
     assert training_threads("auto", num_workers=1, cores=2) is None  # the user's setting wins
     with pytest.raises(ValueError):
         training_threads(0, num_workers=1, cores=2)
+
+
+def test_unactionable_library_warnings_are_not_shown():
+    """The notices a user can do nothing about are filtered once the console is tidied; others still show."""
+    import warnings
+
+    from vlm.console import tidy_console
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tidy_console()
+        warnings.warn("You have overridden `on_before_batch_transfer` in `LightningModule` but have passed in a "
+                      "`LightningDataModule`. It will use the implementation from `LightningModule` instance.")
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec)`")
+        warnings.warn("a warning the user can act on")
+    assert [str(w.message) for w in caught] == ["a warning the user can act on"]

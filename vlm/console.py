@@ -16,8 +16,11 @@ import warnings
 # Notices that advertise other products; nothing in a run can act on them.
 TIP_PREFIXES = ("💡 Tip:",)
 # Deprecations raised inside libraries we call, not by anything the user configures.
-LIBRARY_DEPRECATIONS = (
+UNACTIONABLE_WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
+    # Lightning warns whenever the module has the hook and a DataModule is passed, although ours does not define it:
+    # the stage switches the encoder's resolution there (vlm.stages.resolution), on purpose
+    r"You have overridden `on_before_batch_transfer` in `LightningModule` but have passed in a `LightningDataModule`",
 )
 LIGHTNING_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
                      "lightning.fabric.utilities.seed", "lightning.pytorch.utilities.seed")
@@ -68,5 +71,5 @@ def tidy_console() -> None:
         logger = logging.getLogger(name)
         if _FILTER not in logger.filters:
             logger.addFilter(_FILTER)
-    for pattern in LIBRARY_DEPRECATIONS:
+    for pattern in UNACTIONABLE_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
