@@ -40,9 +40,9 @@ def test_help_prints_the_usage(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_each_tool_refuses_the_old_argparse_style_before_any_work(tmp_path: Path) -> None:
-    from vlm.checkpointing import main as checkpoint_main
     from vlm.data.convert.__main__ import main as convert_main
     from vlm.data.synthetic.shapes import main as shapes_main
+    from vlm.model_from_checkpoint import main as checkpoint_main
 
     for main, argv in ((convert_main, ["images", "--images", str(tmp_path), "--out", str(tmp_path / "o")]),
                        (shapes_main, ["--root", str(tmp_path / "s")]),

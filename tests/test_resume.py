@@ -129,7 +129,7 @@ def test_killed_twice_and_preempted_run_resumes_to_the_uninterrupted_result(shap
             assert got_rows[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
 
     # a stage checkpoint alone (plus the run's config.yaml for the base) gives the model directory back
-    from vlm.checkpointing import main as checkpoint_to_model
+    from vlm.model_from_checkpoint import main as checkpoint_to_model
 
     rebuilt = checkpoint_to_model([f"checkpoint={reference / 'checkpoints' / f'step-{STEPS:08d}.ckpt'}",
                                    f"out={tmp_path / 'from-checkpoint'}"])

@@ -248,7 +248,7 @@ def test_every_registered_class_writes_its_own_type() -> None:
             assert name == cls.part_type or (name, cls.part_type) == ("mlp2x_gelu", "mlp")
 
 
-# ---- python -m vlm.checkpointing: a run's config.yaml --------------------------------------------------------------
+# ---- python -m vlm.model_from_checkpoint: a run's config.yaml --------------------------------------------------------------
 @pytest.fixture(scope="module")
 def run(world, tmp_path_factory) -> dict[str, Any]:
     """A run directory as `train.py stage=align model=tiny` leaves it: config.yaml and a step checkpoint holding the
@@ -280,7 +280,7 @@ def run(world, tmp_path_factory) -> dict[str, Any]:
 
 
 def test_checkpoint_becomes_a_model_directory_through_the_registry(run, tmp_path: Path) -> None:
-    from vlm.checkpointing import main
+    from vlm.model_from_checkpoint import main
     from vlm.models.vlm import VisionLanguageModel
 
     out = main([f"checkpoint={run['checkpoint']}", f"out={tmp_path / 'model'}"])
@@ -314,7 +314,7 @@ RUN_EXPECTED = {"model.encoder": r"model: encoder\._target_: 'pathlib\.Path\.tou
 
 @pytest.mark.parametrize("where", list(RUN_EXPECTED))
 def test_crafted_run_config_is_refused_by_checkpointing(run, tmp_path: Path, where: str) -> None:
-    from vlm.checkpointing import main
+    from vlm.model_from_checkpoint import main
 
     marker = tmp_path / "marker"
     config = tmp_path / "config.yaml"

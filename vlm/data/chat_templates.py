@@ -14,7 +14,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from vlm.data.tokens import CHATML_TEMPLATE, IM_END
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+
+# ChatML; `add_generation_prompt` opens the assistant turn. Each turn ends "<|im_end|>\n".
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 # Renders a message's content: a string as is, a list of parts joined by newlines.
 _CONTENT_MACRO = (

@@ -8,19 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from vlm.data.chat_templates import CHATML_TEMPLATE, IM_END, IM_START, set_chat_template
+
 IMAGE_TOKEN = "<image>"
 GLOBAL_IMAGE_TOKEN = "<global_img>"
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
 PAD_TOKEN = "<pad>"
-
-# ChatML; `add_generation_prompt` opens the assistant turn. Each turn ends "<|im_end|>\n".
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
 
 def tile_token(row: int, col: int) -> str:
@@ -55,8 +47,6 @@ def add_vlm_tokens(tokenizer: Any, max_tiles: int = 1, chat_template: str | None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = PAD_TOKEN
     if chat_template:
-        from vlm.data.chat_templates import set_chat_template
-
         return set_chat_template(tokenizer, chat_template)
     if not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = CHATML_TEMPLATE
