@@ -248,7 +248,7 @@ def test_every_registered_class_writes_its_own_type() -> None:
             assert name == cls.part_type or (name, cls.part_type) == ("mlp2x_gelu", "mlp")
 
 
-# ---- python -m vlm.model_from_checkpoint: a run's config.yaml --------------------------------------------------------------
+# ---- python -m vlm.model_from_checkpoint: a run's config.yaml ---------------------------------------------------
 @pytest.fixture(scope="module")
 def run(world, tmp_path_factory) -> dict[str, Any]:
     """A run directory as `train.py stage=align model=tiny` leaves it: config.yaml and a step checkpoint holding the
