@@ -331,10 +331,11 @@ def main() -> None:
             chat = {"384px JPEG -> 224": chat_path_cost(jpegs, large, args.rounds),
                     "quickstart 64px PNG -> 5x16": chat_path_cost(pngs, quick, args.rounds)}
         if "quickstart" not in args.skip:
-            # as conf/recipe/quickstart.yaml runs them (clip: its own model; the others: model=tiny_tiled)
-            quick_stages = {"clip": ["data.batch_size=64", "optim.lr=2e-3"],
-                            "lm": ["model=tiny_tiled", "optim.lr=1e-3"], "align": ["model=tiny_tiled", "optim.lr=1e-3"],
-                            "sft": ["model=tiny_tiled", "stage.trainable=[encoder,projector,decoder]", "optim.lr=5e-4"]}
+            # as conf/recipe/quickstart.yaml runs them (clip: its own model; the others: model=tiny_quadrants)
+            quick_stages = {"clip": ["data.batch_size=64", "optim.lr=3e-3"],
+                            "lm": ["model=tiny_quadrants", "optim.lr=1e-3"],
+                            "align": ["model=tiny_quadrants", "optim.lr=1e-3"],
+                            "sft": ["model=tiny_quadrants", "data.batch_size=64", "optim.lr=1e-3"]}
             for stage, extra in quick_stages.items():
                 shares[stage] = quickstart_share(tmp, stage, args.steps, extra)
                 print(f"  [quickstart {stage}] {shares[stage]}", flush=True)
